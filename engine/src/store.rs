@@ -1,0 +1,204 @@
+//! The committed data files and the in-memory batches not yet flushed, as one table.
+//!
+//! Readers take a [`Snapshot`]: the files and the memory batches at one instant, under one lock,
+//! so that a flush (which adds files and drops the batches they hold in one step) never shows a
+//! row twice or not at all.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::TimestampNanosecondType;
+use object_store::ObjectStore;
+
+use crate::catalog::{Change, DataFile};
+use crate::schema::col;
+
+/// An inclusive range of `start_time` nanoseconds; `None` is unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    /// Lower bound (inclusive).
+    pub min_ns: Option<i64>,
+    /// Upper bound (inclusive).
+    pub max_ns: Option<i64>,
+}
+
+impl TimeRange {
+    /// Whether `[lo, hi]` overlaps this range.
+    pub fn overlaps(&self, lo: i64, hi: i64) -> bool {
+        self.min_ns.is_none_or(|m| hi >= m) && self.max_ns.is_none_or(|m| lo <= m)
+    }
+}
+
+/// A batch held in memory until flushed.
+#[derive(Debug)]
+pub struct MemBatch {
+    /// Highest WAL LSN of the records in it.
+    pub lsn: u64,
+    /// Project of its spans.
+    pub project: Arc<str>,
+    /// The rows.
+    pub batch: RecordBatch,
+    /// Smallest `start_time` (ns).
+    pub min_start_ns: i64,
+    /// Largest `start_time` (ns).
+    pub max_start_ns: i64,
+    /// Bytes charged to the memory budget.
+    pub charged: u64,
+    /// When it became visible.
+    pub created: Instant,
+}
+
+impl MemBatch {
+    /// A memory batch; computes its time bounds.
+    pub fn new(lsn: u64, project: Arc<str>, batch: RecordBatch, charged: u64) -> Self {
+        let (min_start_ns, max_start_ns) = start_bounds(&batch);
+        Self { lsn, project, batch, min_start_ns, max_start_ns, charged, created: Instant::now() }
+    }
+}
+
+/// Smallest and largest `start_time` of a spans batch (`(0, 0)` when empty).
+pub fn start_bounds(batch: &RecordBatch) -> (i64, i64) {
+    let Some(times) = batch.column_by_name(col::START_TIME) else { return (0, 0) };
+    let values = times.as_primitive::<TimestampNanosecondType>().values();
+    let min = values.iter().copied().min().unwrap_or(0);
+    let max = values.iter().copied().max().unwrap_or(0);
+    (min, max)
+}
+
+/// Which part of the table a reader wants.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Only this project's spans; `None` for every project.
+    pub project: Option<String>,
+    /// Only spans starting in this range.
+    pub time: TimeRange,
+}
+
+/// What a reader sees: files and memory batches at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Committed files.
+    pub files: Vec<Arc<DataFile>>,
+    /// Batches not yet in a file.
+    pub batches: Vec<Arc<MemBatch>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    files: BTreeMap<String, Arc<DataFile>>,
+    batches: Vec<Arc<MemBatch>>,
+}
+
+/// The `spans` data of one data location.
+#[derive(Debug)]
+pub struct SpanStore {
+    object_store: Arc<dyn ObjectStore>,
+    state: RwLock<State>,
+}
+
+impl SpanStore {
+    /// A store over `object_store` holding `files`.
+    pub fn new(object_store: Arc<dyn ObjectStore>, files: impl IntoIterator<Item = Arc<DataFile>>) -> Self {
+        let files = files.into_iter().map(|f| (f.path.clone(), f)).collect();
+        Self { object_store, state: RwLock::new(State { files, batches: Vec::new() }) }
+    }
+
+    /// The object store holding the data files.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.object_store)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The files and batches that may hold rows in `scope`.
+    pub fn snapshot(&self, scope: &Scope) -> Snapshot {
+        let s = self.read();
+        let project_ok = |p: &str| scope.project.as_deref().is_none_or(|want| want == p);
+        Snapshot {
+            files: s
+                .files
+                .values()
+                .filter(|f| project_ok(&f.project) && scope.time.overlaps(f.min_start_ns, f.max_start_ns))
+                .cloned()
+                .collect(),
+            batches: s
+                .batches
+                .iter()
+                .filter(|b| project_ok(&b.project) && scope.time.overlaps(b.min_start_ns, b.max_start_ns))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Every committed file.
+    pub fn files(&self) -> Vec<Arc<DataFile>> {
+        self.read().files.values().cloned().collect()
+    }
+
+    /// The memory batches, oldest first.
+    pub fn batches(&self) -> Vec<Arc<MemBatch>> {
+        self.read().batches.clone()
+    }
+
+    /// Makes batches visible.
+    pub fn push_batches(&self, batches: impl IntoIterator<Item = MemBatch>) {
+        let mut s = self.write();
+        s.batches.extend(batches.into_iter().map(Arc::new));
+    }
+
+    /// Applies a committed catalog change and drops the memory batches it covers (every batch
+    /// with an LSN at or below `flushed_lsn`), in one step. Returns the bytes those batches
+    /// were charged.
+    pub fn apply(&self, change: &Change, flushed_lsn: Option<u64>) -> u64 {
+        let mut s = self.write();
+        for path in &change.remove {
+            s.files.remove(path);
+        }
+        for f in &change.add {
+            s.files.insert(f.path.clone(), Arc::new(f.clone()));
+        }
+        let mut released = 0;
+        if let Some(lsn) = flushed_lsn {
+            s.batches.retain(|b| {
+                let keep = b.lsn > lsn;
+                if !keep {
+                    released += b.charged;
+                }
+                keep
+            });
+        }
+        released
+    }
+
+    /// Rows and bytes in memory, the age of the oldest memory batch, and the highest LSN.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let s = self.read();
+        MemoryUsage {
+            rows: s.batches.iter().map(|b| b.batch.num_rows() as u64).sum(),
+            bytes: s.batches.iter().map(|b| b.charged).sum(),
+            oldest: s.batches.iter().map(|b| b.created).min(),
+            max_lsn: s.batches.iter().map(|b| b.lsn).max(),
+        }
+    }
+}
+
+/// What the memory part of the table holds.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryUsage {
+    /// Rows.
+    pub rows: u64,
+    /// Bytes charged.
+    pub bytes: u64,
+    /// When the oldest batch became visible.
+    pub oldest: Option<Instant>,
+    /// Highest LSN held.
+    pub max_lsn: Option<u64>,
+}

@@ -1,0 +1,159 @@
+//! Parquet encoding of span batches.
+//!
+//! Each flush writes one file per (project, hour) partition. Rows are sorted by
+//! `(trace_id, start_time)`: the spans of a trace sit together, so a lookup by trace id reads
+//! one page of each column (page index) and the id columns compress well; `trace_id` also
+//! carries a bloom filter so that files and row groups without the trace are skipped. Time
+//! ranges prune by partition and by the file statistics in the catalog.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::datatypes::TimestampNanosecondType;
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::catalog::DataFile;
+use crate::error::{Error, Result};
+use crate::layout::HourPartition;
+use crate::schema::{col, spans_schema};
+
+/// How Parquet files are written.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// zstd level (1–22).
+    pub zstd_level: i32,
+    /// Rows per row group.
+    pub row_group_rows: usize,
+    /// Rows per data page (smaller pages make lookups by trace id read less).
+    pub page_rows: usize,
+    /// False-positive rate of the `trace_id` bloom filter.
+    pub bloom_fpp: f64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self { zstd_level: 3, row_group_rows: 256 * 1024, page_rows: 8 * 1024, bloom_fpp: 0.01 }
+    }
+}
+
+/// One encoded file, ready to put.
+#[derive(Debug)]
+pub struct EncodedFile {
+    /// The Parquet bytes.
+    pub bytes: Bytes,
+    /// Its catalog entry (the path is set by the caller's layout).
+    pub meta: DataFile,
+}
+
+/// The partition key of a file: project and hour.
+pub type PartitionKey = (Arc<str>, HourPartition);
+
+/// Splits batches by project and hour partition of `start_time`.
+pub fn split_by_partition<'a>(
+    batches: impl IntoIterator<Item = (&'a Arc<str>, &'a RecordBatch)>,
+) -> Result<BTreeMap<PartitionKey, Vec<RecordBatch>>> {
+    let mut out: BTreeMap<PartitionKey, Vec<RecordBatch>> = BTreeMap::new();
+    for (project, batch) in batches {
+        let times = start_times(batch);
+        let first = times.first().map(|t| HourPartition::of_ns(*t));
+        if let Some(p) = first
+            && times.iter().all(|t| HourPartition::of_ns(*t) == p)
+        {
+            out.entry((Arc::clone(project), p)).or_default().push(batch.clone());
+            continue;
+        }
+        let mut groups: BTreeMap<HourPartition, Vec<u32>> = BTreeMap::new();
+        for (i, t) in times.iter().enumerate() {
+            groups.entry(HourPartition::of_ns(*t)).or_default().push(i as u32);
+        }
+        for (p, idx) in groups {
+            let taken = take_record_batch(batch, &UInt32Array::from(idx))
+                .map_err(|source| Error::Arrow { source })?;
+            out.entry((Arc::clone(project), p)).or_default().push(taken);
+        }
+    }
+    Ok(out)
+}
+
+fn start_times(batch: &RecordBatch) -> &[i64] {
+    batch
+        .column_by_name(col::START_TIME)
+        .map(|c| c.as_primitive::<TimestampNanosecondType>().values().as_ref())
+        .unwrap_or_default()
+}
+
+/// Sorts `batches` by `(trace_id, start_time)` into one batch.
+pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<RecordBatch> {
+    let arrow_err = |source| Error::Arrow { source };
+    let batch = concat_batches(&spans_schema(), batches).map_err(arrow_err)?;
+    let column = |name: &str| Arc::clone(batch.column_by_name(name).expect("spans schema column"));
+    let order = lexsort_to_indices(
+        &[
+            SortColumn { values: column(col::TRACE_ID), options: None },
+            SortColumn { values: column(col::START_TIME), options: None },
+        ],
+        None,
+    )
+    .map_err(arrow_err)?;
+    take_record_batch(&batch, &order).map_err(arrow_err)
+}
+
+/// Encodes the rows of one partition as a sorted, zstd-compressed Parquet file.
+pub fn encode_file(
+    project: &str,
+    partition: HourPartition,
+    batches: &[RecordBatch],
+    level: u8,
+    config: &WriterConfig,
+) -> Result<EncodedFile> {
+    let path = partition.new_file_path(project);
+    let parquet_err = |source| Error::Parquet { path: path.clone(), source };
+    let batch = sort_for_storage(batches)?;
+    let rows = batch.num_rows() as u64;
+    let times = start_times(&batch);
+    let min_start_ns = times.iter().copied().min().unwrap_or(0);
+    let max_start_ns = times.iter().copied().max().unwrap_or(0);
+    let ids = batch.column_by_name(col::TRACE_ID).expect("trace_id").as_string::<i32>();
+    let (min_trace_id, max_trace_id) = match ids.len() {
+        0 => (String::new(), String::new()),
+        n => (ids.value(0).to_string(), ids.value(n - 1).to_string()),
+    };
+
+    let zstd = ZstdLevel::try_new(config.zstd_level).map_err(parquet_err)?;
+    let trace_id = ColumnPath::from(col::TRACE_ID);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(zstd))
+        .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
+        .set_data_page_row_count_limit(config.page_rows.max(1))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_column_bloom_filter_enabled(trace_id.clone(), true)
+        .set_column_bloom_filter_fpp(trace_id.clone(), config.bloom_fpp)
+        .set_column_bloom_filter_max_ndv(trace_id, rows.max(1))
+        .build();
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4);
+    let mut writer =
+        ArrowWriter::try_new(&mut buf, Arc::clone(batch.schema_ref()), Some(props)).map_err(parquet_err)?;
+    writer.write(&batch).map_err(parquet_err)?;
+    writer.close().map_err(parquet_err)?;
+    let meta = DataFile {
+        path: path.to_string(),
+        project: project.to_string(),
+        hour: partition.epoch_hour,
+        size: buf.len() as u64,
+        rows,
+        min_start_ns,
+        max_start_ns,
+        min_trace_id,
+        max_trace_id,
+        trace_id_bloom: true,
+        level,
+        created_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    Ok(EncodedFile { bytes: Bytes::from(buf), meta })
+}

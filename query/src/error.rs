@@ -1,0 +1,72 @@
+use datafusion::error::DataFusionError;
+use spanlake_engine::ErrorKind;
+
+/// Errors of the query layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The statement is not a read query, and only reads are allowed here.
+    #[error("statement not allowed: only read queries (SELECT, WITH, EXPLAIN, SHOW) are accepted ({source})")]
+    Forbidden {
+        /// DataFusion's description of the refused plan node.
+        #[source]
+        source: DataFusionError,
+    },
+    /// The SQL text is empty.
+    #[error("empty SQL statement")]
+    Empty,
+    /// More than one statement in one request.
+    #[error("exactly one SQL statement per request is accepted, got {count}")]
+    MultipleStatements {
+        /// Statements found.
+        count: usize,
+    },
+    /// Planning or executing the query failed.
+    #[error("{source}")]
+    Query {
+        /// The cause.
+        #[source]
+        source: DataFusionError,
+    },
+    /// Encoding the result failed.
+    #[error("failed to encode result")]
+    Encode {
+        /// The cause.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+}
+
+impl From<DataFusionError> for Error {
+    fn from(source: DataFusionError) -> Self {
+        Self::Query { source }
+    }
+}
+
+impl Error {
+    /// The kind of failure, for status mapping.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Forbidden { .. } | Self::Empty | Self::MultipleStatements { .. } => {
+                ErrorKind::InvalidInput
+            }
+            Self::Query { source } => match source.find_root() {
+                DataFusionError::SQL(..)
+                | DataFusionError::Plan(_)
+                | DataFusionError::SchemaError(..)
+                | DataFusionError::NotImplemented(_)
+                | DataFusionError::Configuration(_) => ErrorKind::InvalidInput,
+                DataFusionError::ResourcesExhausted(_) => ErrorKind::Overloaded,
+                DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => {
+                    // Casts of bad literals, division by zero and similar: the query's fault.
+                    ErrorKind::InvalidInput
+                }
+                _ => ErrorKind::Internal,
+            },
+            Self::Encode { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Result type of the query layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,21 @@
+//! SQL over spanlake's spans, through Apache DataFusion.
+//!
+//! * [`provider::SpansTable`] — the `spans` table: committed Parquet files plus the in-memory
+//!   data not yet flushed, pruned by `start_time` predicates (files and memory batches by their
+//!   time range, row groups and pages by Parquet statistics);
+//! * [`QueryEngine`] — a DataFusion context with `spans`, the `traces` view, the JSON functions
+//!   for attribute access, and the read-only SQL sandbox used by every network frontend;
+//! * [`format`] — results as JSON, CSV, Arrow IPC or a table for people;
+//! * [`http`] — `POST /v1/sql`.
+//!
+//! Depends on `spanlake-engine` only.
+#![warn(missing_docs)]
+
+mod engine;
+mod error;
+pub mod format;
+pub mod http;
+pub mod provider;
+
+pub use engine::{QueryConfig, QueryEngine, QueryMetrics, QueryResult};
+pub use error::{Error, Result};

@@ -1,0 +1,203 @@
+//! The `spans` table provider.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::Session;
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::provider::TableProvider;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::Result;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+use spanlake_engine::schema::{col, spans_schema};
+use spanlake_engine::store::{SpanStore, TimeRange};
+
+/// The URL under which the data location is registered with DataFusion.
+pub const STORE_URL: &str = "spanlake://data";
+
+/// `spans`: the Parquet files and the unflushed memory batches of a [`SpanStore`].
+#[derive(Debug)]
+pub struct SpansTable {
+    store: Arc<SpanStore>,
+    schema: SchemaRef,
+}
+
+impl SpansTable {
+    /// The table over `store`.
+    pub fn new(store: Arc<SpanStore>) -> Self {
+        Self { store, schema: spans_schema() }
+    }
+}
+
+#[async_trait]
+impl TableProvider for SpansTable {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters prune files, batches and row groups; DataFusion still applies them to rows.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let range = time_range(filters);
+        let snapshot = self.store.snapshot().pruned(&range);
+        let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(2);
+
+        if !snapshot.files.is_empty() {
+            let mut source = ParquetSource::new(Arc::clone(&self.schema))
+                .with_enable_page_index(true)
+                .with_bloom_filter_on_read(true);
+            if let Some(predicate) = conjunction(filters.iter().cloned()) {
+                let df_schema = DFSchema::try_from(Arc::clone(&self.schema))?;
+                source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
+            }
+            let partitions = state.config().target_partitions().max(1);
+            let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); partitions.min(snapshot.files.len())];
+            let n_groups = groups.len();
+            for (i, f) in snapshot.files.iter().enumerate() {
+                groups[i % n_groups].push(PartitionedFile::new(f.path.to_string(), f.size));
+            }
+            let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
+                .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
+            plans.push(DataSourceExec::from_data_source(config));
+        }
+        if !snapshot.batches.is_empty() {
+            let batches: Vec<_> = snapshot.batches.iter().map(|b| b.batch.clone()).collect();
+            plans.push(MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&self.schema), projection.cloned())?);
+        }
+        match plans.len() {
+            0 => {
+                let projected = match projection {
+                    Some(p) => Arc::new(self.schema.project(p)?),
+                    None => Arc::clone(&self.schema),
+                };
+                Ok(Arc::new(EmptyExec::new(projected)))
+            }
+            1 => Ok(plans.pop().expect("one plan")),
+            _ => UnionExec::try_new(plans),
+        }
+    }
+}
+
+/// The `start_time` range implied by a conjunction of filters (unbounded where unknown).
+pub fn time_range(filters: &[Expr]) -> TimeRange {
+    let mut range = TimeRange::default();
+    for f in filters {
+        narrow(f, &mut range);
+    }
+    range
+}
+
+fn narrow(expr: &Expr, range: &mut TimeRange) {
+    match expr {
+        Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+            narrow(left, range);
+            narrow(right, range);
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            let (op, ns) = match (is_start_time(left), literal_ns(right), is_start_time(right), literal_ns(left)) {
+                (true, Some(ns), _, _) => (*op, ns),
+                (_, _, true, Some(ns)) => match op.swap() {
+                    Some(op) => (op, ns),
+                    None => return,
+                },
+                _ => return,
+            };
+            match op {
+                Operator::Gt | Operator::GtEq => lower(range, ns),
+                Operator::Lt | Operator::LtEq => upper(range, ns),
+                Operator::Eq => {
+                    lower(range, ns);
+                    upper(range, ns);
+                }
+                _ => {}
+            }
+        }
+        Expr::Between(Between { expr, negated: false, low, high }) if is_start_time(expr) => {
+            if let Some(ns) = literal_ns(low) {
+                lower(range, ns);
+            }
+            if let Some(ns) = literal_ns(high) {
+                upper(range, ns);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn lower(range: &mut TimeRange, ns: i64) {
+    range.min_ns = Some(range.min_ns.map_or(ns, |m| m.max(ns)));
+}
+
+fn upper(range: &mut TimeRange, ns: i64) {
+    range.max_ns = Some(range.max_ns.map_or(ns, |m| m.min(ns)));
+}
+
+fn is_start_time(e: &Expr) -> bool {
+    match e {
+        Expr::Column(c) => c.name == col::START_TIME,
+        Expr::Cast(c) => is_start_time(&c.expr),
+        _ => false,
+    }
+}
+
+fn literal_ns(e: &Expr) -> Option<i64> {
+    let Expr::Literal(v, _) = e else { return None };
+    match v {
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000_000),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::{col as c, lit};
+
+    fn ts(ns: i64) -> Expr {
+        lit(ScalarValue::TimestampNanosecond(Some(ns), Some("UTC".into())))
+    }
+
+    #[test]
+    fn time_range_from_comparisons_and_between() {
+        let r = time_range(&[c("start_time").gt_eq(ts(10)), ts(50).gt(c("start_time"))]);
+        assert_eq!(r, TimeRange { min_ns: Some(10), max_ns: Some(50) });
+        let r = time_range(&[c("start_time").between(ts(5), ts(7)).and(c("name").eq(lit("x")))]);
+        assert_eq!(r, TimeRange { min_ns: Some(5), max_ns: Some(7) });
+        let r = time_range(&[c("end_time").gt(ts(10)), c("start_time").eq(lit(3))]);
+        assert_eq!(r, TimeRange::default());
+    }
+}
