@@ -14,7 +14,7 @@ pub enum Error {
         content_type: String,
     },
     /// The HTTP content encoding is not supported.
-    #[error("unsupported content encoding {encoding:?}; use gzip or identity")]
+    #[error("unsupported content encoding {encoding:?}; use gzip, zstd or identity")]
     UnsupportedEncoding {
         /// The encoding sent.
         encoding: String,
@@ -28,11 +28,19 @@ pub enum Error {
         decompressed: bool,
     },
     /// The compressed body is corrupt.
-    #[error("invalid gzip body: {source}")]
+    #[error("invalid {encoding} body: {source}")]
     Decompress {
+        /// The encoding.
+        encoding: &'static str,
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The caller may not do this.
+    #[error("{reason}")]
+    Unauthorized {
+        /// Why.
+        reason: String,
     },
     /// The engine refused the data.
     #[error(transparent)]
@@ -48,7 +56,8 @@ impl Error {
             | Self::UnsupportedMediaType { .. }
             | Self::UnsupportedEncoding { .. }
             | Self::BodyTooLarge { .. }
-            | Self::Decompress { .. } => ErrorKind::InvalidInput,
+            | Self::Decompress { .. }
+            | Self::Unauthorized { .. } => ErrorKind::InvalidInput,
         }
     }
 }

@@ -1,6 +1,6 @@
-//! OTLP spans to `spans` rows.
+//! OTLP spans to rows of the `spans` table.
 //!
-//! AI attributes are read from whichever convention sent them:
+//! AI attributes are read from whichever convention sent them (the first key present wins):
 //!
 //! | column | OpenTelemetry GenAI | OpenInference | OpenLLMetry |
 //! |---|---|---|---|
@@ -23,139 +23,236 @@
 //! spans only, so that sums over a trace never count a roll-up twice. `total_tokens` is
 //! input + output when the span sends no total. `cost_usd` is the span's own cost, else the price
 //! table's, else null.
+//!
+//! # What happens to bad spans
+//!
+//! | input | outcome |
+//! |---|---|
+//! | `trace_id` not 16 bytes or all zeros; `span_id` not 8 bytes or all zeros; `parent_span_id` neither empty nor 8 bytes | span rejected (partial success names it and why) |
+//! | all-zero `parent_span_id` | treated as a root span |
+//! | `start_time_unix_nano` of 0, or further in the future than `max_future_skew` | span rejected |
+//! | `end_time_unix_nano` of 0 or before the start | kept; `end_time` as sent, `duration_ms` 0; warning |
+//! | a value, attribute count, depth, event or link count over a limit | kept, cut as [`crate::limits`] describes; warning |
+//! | the same span twice in one request | the second copy is rejected as a duplicate |
+//!
+//! Everything is read in one pass over each span's attributes; JSON text is written directly,
+//! without building a tree, except for flattened message lists.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::sync::Arc;
 
-use base64::Engine as _;
+use arrow::array::RecordBatch;
 use serde_json::{Map, Value};
+use spanlake_engine::batch::SpanBatchBuilder;
 use spanlake_engine::pricing::PriceTable;
-use spanlake_engine::row::SpanRow;
+use spanlake_engine::record::{SpanRecord, kind, span_type, status};
 use spanlake_proto::collector::ExportTraceServiceRequest;
 use spanlake_proto::common::{AnyValue, KeyValue, any_value};
 use spanlake_proto::trace::Span;
 
-/// The rows of one request and what was rejected.
-#[derive(Debug, Default)]
+use crate::json::{Cuts, JsonWriter, truncate, write_str};
+use crate::limits::SpanLimits;
+
+/// What normalisation needs besides the request.
+#[derive(Debug, Clone)]
+pub struct NormalizeContext {
+    /// Prices for `cost_usd`.
+    pub prices: Arc<PriceTable>,
+    /// Per-span limits.
+    pub limits: SpanLimits,
+    /// Most spans one request may carry.
+    pub max_spans: usize,
+}
+
+impl Default for NormalizeContext {
+    fn default() -> Self {
+        Self { prices: Arc::new(PriceTable::default()), limits: SpanLimits::default(), max_spans: 100_000 }
+    }
+}
+
+/// The rows of one request and what was rejected or cut.
+#[derive(Debug)]
 pub struct Normalized {
-    /// Valid spans as rows.
-    pub rows: Vec<SpanRow>,
+    /// Valid spans as one batch of the `spans` schema.
+    pub batch: RecordBatch,
     /// Number of spans rejected.
     pub rejected: u64,
     /// Why spans were rejected (the first few).
     pub errors: Vec<String>,
+    /// What was cut to stay within the limits.
+    pub cuts: Cuts,
+    /// Spans kept with an end before their start.
+    pub bad_end_times: u64,
+    /// Events and links dropped past the limits.
+    pub dropped_events_links: u64,
 }
 
 const MAX_REPORTED_ERRORS: usize = 5;
 
 impl Normalized {
-    /// The OTLP partial-success message, empty when nothing was rejected.
-    pub fn error_message(&self) -> String {
-        if self.rejected == 0 {
-            return String::new();
-        }
-        let mut msg = format!("rejected {} span(s): {}", self.rejected, self.errors.join("; "));
-        if self.rejected as usize > self.errors.len() {
-            msg.push_str("; ...");
-        }
-        msg
-    }
-}
-
-/// Normalises every span of a request.
-pub fn normalize(req: &ExportTraceServiceRequest, prices: &PriceTable) -> Normalized {
-    let mut out = Normalized::default();
-    let total: usize = req
-        .resource_spans
-        .iter()
-        .flat_map(|rs| &rs.scope_spans)
-        .map(|ss| ss.spans.len())
-        .sum();
-    out.rows.reserve(total);
-    for rs in &req.resource_spans {
-        let resource_attrs = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
-        let service_name = resource_attrs
-            .iter()
-            .find(|kv| kv.key == "service.name")
-            .and_then(|kv| as_str(kv.value.as_ref()))
-            .map(str::to_string);
-        let resource_json = attrs_json(resource_attrs);
-        for ss in &rs.scope_spans {
-            let scope_json = {
-                let mut m = Map::new();
-                if let Some(scope) = &ss.scope {
-                    m.insert("name".into(), Value::String(scope.name.clone()));
-                    m.insert("version".into(), Value::String(scope.version.clone()));
-                    m.insert("attributes".into(), attrs_value(&scope.attributes));
-                }
-                Value::Object(m).to_string()
-            };
-            for span in &ss.spans {
-                match normalize_span(span, prices) {
-                    Ok(mut row) => {
-                        row.service_name.clone_from(&service_name);
-                        row.resource_attributes.clone_from(&resource_json);
-                        row.scope.clone_from(&scope_json);
-                        out.rows.push(row);
-                    }
-                    Err(reason) => {
-                        out.rejected += 1;
-                        if out.errors.len() < MAX_REPORTED_ERRORS {
-                            out.errors.push(format!("span {:?} ({}): {reason}", span.name, hex::encode(&span.span_id)));
-                        }
-                    }
-                }
+    /// The OTLP partial-success message: why spans were rejected, and warnings about what was
+    /// kept but cut. Empty when there is nothing to say.
+    pub fn message(&self) -> String {
+        let mut parts = Vec::new();
+        if self.rejected > 0 {
+            let mut msg = format!("rejected {} span(s): {}", self.rejected, self.errors.join("; "));
+            if self.rejected as usize > self.errors.len() {
+                msg.push_str("; ...");
             }
+            parts.push(msg);
         }
+        let c = &self.cuts;
+        if c.truncated_values > 0 {
+            parts.push(format!("truncated {} value(s) over the value size limit", c.truncated_values));
+        }
+        if c.dropped_attributes > 0 {
+            parts.push(format!("dropped {} attribute(s) over the per-span limit", c.dropped_attributes));
+        }
+        if c.too_deep > 0 {
+            parts.push(format!("replaced {} value(s) nested over the depth limit", c.too_deep));
+        }
+        if self.dropped_events_links > 0 {
+            parts.push(format!("dropped {} event(s)/link(s) over the per-span limit", self.dropped_events_links));
+        }
+        if self.bad_end_times > 0 {
+            parts.push(format!("{} span(s) end before they start; their duration is 0", self.bad_end_times));
+        }
+        parts.join("; ")
     }
-    out
 }
 
-/// Why a span is invalid.
-fn validate_id(bytes: &[u8], len: usize, what: &str) -> Result<String, String> {
-    if bytes.len() != len {
-        return Err(format!("{what} must be {len} bytes, got {}", bytes.len()));
-    }
-    if bytes.iter().all(|b| *b == 0) {
-        return Err(format!("{what} is all zeros"));
-    }
-    Ok(hex::encode(bytes))
+macro_rules! known_keys {
+    ($($name:ident = $key:literal,)*) => {
+        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+        #[derive(Debug, Clone, Copy)]
+        enum K { $($name,)* }
+        const KEY_COUNT: usize = [$($key,)*].len();
+        fn key_index(k: &str) -> Option<K> {
+            match k { $($key => Some(K::$name),)* _ => None }
+        }
+    };
 }
 
+known_keys! {
+    OI_KIND = "openinference.span.kind",
+    TL_KIND = "traceloop.span.kind",
+    OPERATION = "gen_ai.operation.name",
+    LLM_REQUEST_TYPE = "llm.request.type",
+    GENAI_PROVIDER = "gen_ai.provider.name",
+    GENAI_SYSTEM = "gen_ai.system",
+    LLM_PROVIDER = "llm.provider",
+    LLM_SYSTEM = "llm.system",
+    GENAI_RESPONSE_MODEL = "gen_ai.response.model",
+    GENAI_REQUEST_MODEL = "gen_ai.request.model",
+    LLM_RESPONSE_MODEL = "llm.response.model",
+    LLM_REQUEST_MODEL = "llm.request.model",
+    LLM_MODEL_NAME = "llm.model_name",
+    EMBEDDING_MODEL_NAME = "embedding.model_name",
+    GENAI_INPUT_TOKENS = "gen_ai.usage.input_tokens",
+    GENAI_PROMPT_TOKENS = "gen_ai.usage.prompt_tokens",
+    OI_PROMPT_TOKENS = "llm.token_count.prompt",
+    TL_PROMPT_TOKENS = "llm.usage.prompt_tokens",
+    GENAI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens",
+    GENAI_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens",
+    OI_COMPLETION_TOKENS = "llm.token_count.completion",
+    TL_COMPLETION_TOKENS = "llm.usage.completion_tokens",
+    GENAI_TOTAL_TOKENS = "gen_ai.usage.total_tokens",
+    OI_TOTAL_TOKENS = "llm.token_count.total",
+    TL_TOTAL_TOKENS = "llm.usage.total_tokens",
+    GENAI_COST = "gen_ai.usage.cost",
+    OI_COST = "llm.cost.total",
+    GENAI_COST_USD = "gen_ai.usage.cost_usd",
+    GENAI_TOOL_NAME = "gen_ai.tool.name",
+    OI_TOOL_NAME = "tool.name",
+    TL_ENTITY_NAME = "traceloop.entity.name",
+    GENAI_AGENT_NAME = "gen_ai.agent.name",
+    AGENT_NAME = "agent.name",
+    SESSION_ID = "session.id",
+    GENAI_CONVERSATION_ID = "gen_ai.conversation.id",
+    TL_SESSION_ID = "traceloop.association.properties.session_id",
+    LANGFUSE_SESSION_ID = "langfuse.session.id",
+    USER_ID = "user.id",
+    ENDUSER_ID = "enduser.id",
+    TL_USER_ID = "traceloop.association.properties.user_id",
+    LANGFUSE_USER_ID = "langfuse.user.id",
+    GENAI_INPUT_MESSAGES = "gen_ai.input.messages",
+    GENAI_OUTPUT_MESSAGES = "gen_ai.output.messages",
+    INPUT_VALUE = "input.value",
+    OUTPUT_VALUE = "output.value",
+    TL_ENTITY_INPUT = "traceloop.entity.input",
+    TL_ENTITY_OUTPUT = "traceloop.entity.output",
+    GENAI_TOOL_ARGUMENTS = "gen_ai.tool.call.arguments",
+    GENAI_TOOL_RESULT = "gen_ai.tool.call.result",
+    GENAI_PROMPT = "gen_ai.prompt",
+    GENAI_COMPLETION = "gen_ai.completion",
+    GENAI_DATA_SOURCE = "gen_ai.data_source.id",
+}
+
+/// The known attributes of one span, found in one pass.
 struct Attrs<'a> {
-    map: HashMap<&'a str, &'a AnyValue>,
+    slots: [Option<&'a AnyValue>; KEY_COUNT],
     list: &'a [KeyValue],
+    oi_input_messages: bool,
+    oi_output_messages: bool,
+    tl_prompts: bool,
+    tl_completions: bool,
+    retrieval_documents: bool,
 }
 
 impl<'a> Attrs<'a> {
     fn new(list: &'a [KeyValue]) -> Self {
-        let mut map = HashMap::with_capacity(list.len());
+        let mut a = Self {
+            slots: [None; KEY_COUNT],
+            list,
+            oi_input_messages: false,
+            oi_output_messages: false,
+            tl_prompts: false,
+            tl_completions: false,
+            retrieval_documents: false,
+        };
         for kv in list {
-            if let Some(v) = &kv.value {
-                map.insert(kv.key.as_str(), v);
+            let key = kv.key.as_str();
+            if let Some(k) = key_index(key) {
+                if let Some(v) = &kv.value {
+                    a.slots[k as usize] = Some(v);
+                }
+                continue;
+            }
+            if key.starts_with("llm.input_messages.") {
+                a.oi_input_messages = true;
+            } else if key.starts_with("llm.output_messages.") {
+                a.oi_output_messages = true;
+            } else if key.starts_with("gen_ai.prompt.") {
+                a.tl_prompts = true;
+            } else if key.starts_with("gen_ai.completion.") {
+                a.tl_completions = true;
+            } else if key.starts_with("retrieval.documents") {
+                a.retrieval_documents = true;
             }
         }
-        Self { map, list }
+        a
     }
-    fn get(&self, key: &str) -> Option<&'a AnyValue> {
-        self.map.get(key).copied()
+
+    fn get(&self, k: K) -> Option<&'a AnyValue> {
+        self.slots[k as usize]
     }
-    fn has(&self, key: &str) -> bool {
-        self.map.contains_key(key)
+
+    fn has(&self, k: K) -> bool {
+        self.slots[k as usize].is_some()
     }
-    fn str(&self, keys: &[&str]) -> Option<&'a str> {
-        keys.iter().find_map(|k| as_str(self.get(k)).filter(|s| !s.is_empty()))
+
+    fn str(&self, keys: &[K]) -> Option<&'a str> {
+        keys.iter().find_map(|k| as_str(self.get(*k)).filter(|s| !s.is_empty()))
     }
-    fn string(&self, keys: &[&str]) -> Option<String> {
-        self.str(keys).map(str::to_string)
+
+    fn int(&self, keys: &[K]) -> Option<i64> {
+        keys.iter().find_map(|k| as_int(self.get(*k)))
     }
-    fn int(&self, keys: &[&str]) -> Option<i64> {
-        keys.iter().find_map(|k| as_int(self.get(k)))
-    }
-    fn float(&self, keys: &[&str]) -> Option<f64> {
-        keys.iter().find_map(|k| as_float(self.get(k)))
-    }
-    fn has_prefix(&self, prefix: &str) -> bool {
-        self.list.iter().any(|kv| kv.key.starts_with(prefix))
+
+    fn float(&self, keys: &[K]) -> Option<f64> {
+        keys.iter().find_map(|k| as_float(self.get(*k)))
     }
 }
 
@@ -184,216 +281,327 @@ fn as_float(v: Option<&AnyValue>) -> Option<f64> {
     }
 }
 
-fn span_kind(kind: i32) -> &'static str {
-    match kind {
-        2 => "server",
-        3 => "client",
-        4 => "producer",
-        5 => "consumer",
+fn span_kind(k: i32) -> &'static str {
+    match k {
+        2 => kind::SERVER,
+        3 => kind::CLIENT,
+        4 => kind::PRODUCER,
+        5 => kind::CONSUMER,
         // 1 is INTERNAL; UNSPECIFIED (0) is treated as INTERNAL, as the OTel spec allows.
-        _ => "internal",
+        _ => kind::INTERNAL,
     }
 }
 
 fn status_code(code: i32) -> &'static str {
     match code {
-        1 => "ok",
-        2 => "error",
-        _ => "unset",
+        1 => status::OK,
+        2 => status::ERROR,
+        _ => status::UNSET,
     }
 }
 
-fn span_type(a: &Attrs<'_>) -> &'static str {
-    if let Some(kind) = a.str(&["openinference.span.kind"]) {
-        return match kind.to_ascii_uppercase().as_str() {
-            "LLM" => "llm",
-            "TOOL" => "tool",
-            "AGENT" => "agent",
-            "CHAIN" => "chain",
-            "RETRIEVER" | "RERANKER" => "retrieval",
-            "EMBEDDING" => "embedding",
-            _ => "other",
+fn classify(a: &Attrs<'_>) -> &'static str {
+    if let Some(k) = a.str(&[K::OI_KIND]) {
+        return match k.to_ascii_uppercase().as_str() {
+            "LLM" => span_type::LLM,
+            "TOOL" => span_type::TOOL,
+            "AGENT" => span_type::AGENT,
+            "CHAIN" => span_type::CHAIN,
+            "RETRIEVER" | "RERANKER" => span_type::RETRIEVAL,
+            "EMBEDDING" => span_type::EMBEDDING,
+            _ => span_type::OTHER,
         };
     }
-    if let Some(kind) = a.str(&["traceloop.span.kind"]) {
-        return match kind {
-            "agent" => "agent",
-            "tool" => "tool",
-            "workflow" | "task" => "chain",
-            _ => "other",
+    if let Some(k) = a.str(&[K::TL_KIND]) {
+        return match k {
+            "agent" => span_type::AGENT,
+            "tool" => span_type::TOOL,
+            "workflow" | "task" => span_type::CHAIN,
+            _ => span_type::OTHER,
         };
     }
-    if let Some(op) = a.str(&["gen_ai.operation.name"]) {
+    if let Some(op) = a.str(&[K::OPERATION]) {
         match op {
-            "chat" | "text_completion" | "generate_content" | "completion" => return "llm",
-            "embeddings" | "embedding" => return "embedding",
-            "execute_tool" => return "tool",
-            "invoke_agent" | "create_agent" => return "agent",
-            "invoke_workflow" => return "chain",
-            "retrieval" | "retrieve" => return "retrieval",
+            "chat" | "text_completion" | "generate_content" | "completion" => return span_type::LLM,
+            "embeddings" | "embedding" => return span_type::EMBEDDING,
+            "execute_tool" => return span_type::TOOL,
+            "invoke_agent" | "create_agent" => return span_type::AGENT,
+            "invoke_workflow" => return span_type::CHAIN,
+            "retrieval" | "retrieve" => return span_type::RETRIEVAL,
             _ => {}
         }
     }
-    if let Some(t) = a.str(&["llm.request.type"]) {
+    if let Some(t) = a.str(&[K::LLM_REQUEST_TYPE]) {
         match t {
-            "chat" | "completion" => return "llm",
-            "embedding" => return "embedding",
-            "rerank" => return "retrieval",
+            "chat" | "completion" => return span_type::LLM,
+            "embedding" => return span_type::EMBEDDING,
+            "rerank" => return span_type::RETRIEVAL,
             _ => {}
         }
     }
-    if a.has("gen_ai.request.model")
-        || a.has("gen_ai.system")
-        || a.has("llm.model_name")
-        || a.has("llm.request.model")
-        || a.has("gen_ai.usage.input_tokens")
-        || a.has("gen_ai.usage.prompt_tokens")
-        || a.has("llm.token_count.prompt")
-    {
-        return "llm";
+    let llm_keys = [
+        K::GENAI_REQUEST_MODEL,
+        K::GENAI_SYSTEM,
+        K::LLM_MODEL_NAME,
+        K::LLM_REQUEST_MODEL,
+        K::GENAI_INPUT_TOKENS,
+        K::GENAI_PROMPT_TOKENS,
+        K::OI_PROMPT_TOKENS,
+    ];
+    if llm_keys.iter().any(|k| a.has(*k)) {
+        return span_type::LLM;
     }
-    if a.has("gen_ai.tool.name") || a.has("tool.name") {
-        return "tool";
+    if a.has(K::GENAI_TOOL_NAME) || a.has(K::OI_TOOL_NAME) {
+        return span_type::TOOL;
     }
-    if a.has("gen_ai.agent.name") || a.has("agent.name") {
-        return "agent";
+    if a.has(K::GENAI_AGENT_NAME) || a.has(K::AGENT_NAME) {
+        return span_type::AGENT;
     }
-    if a.has_prefix("retrieval.documents") || a.has("gen_ai.data_source.id") {
-        return "retrieval";
+    if a.retrieval_documents || a.has(K::GENAI_DATA_SOURCE) {
+        return span_type::RETRIEVAL;
     }
-    "other"
+    span_type::OTHER
 }
 
-/// Converts one span; `Err` names why it is rejected.
-pub fn normalize_span(span: &Span, prices: &PriceTable) -> Result<SpanRow, String> {
-    let trace_id = validate_id(&span.trace_id, 16, "trace_id")?;
-    let span_id = validate_id(&span.span_id, 8, "span_id")?;
-    let parent_span_id = match span.parent_span_id.as_slice() {
-        [] => None,
-        p if p.iter().all(|b| *b == 0) => None,
-        p => Some(validate_id(p, 8, "parent_span_id")?),
+fn id<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], String> {
+    let arr: [u8; N] = bytes.try_into().map_err(|_| format!("{what} must be {N} bytes, got {}", bytes.len()))?;
+    if arr.iter().all(|b| *b == 0) {
+        return Err(format!("{what} is all zeros"));
+    }
+    Ok(arr)
+}
+
+/// Scratch buffers reused for every span.
+#[derive(Default)]
+struct Scratch {
+    attributes: String,
+    events: String,
+    links: String,
+}
+
+/// Normalises every span of a request into one batch.
+pub fn normalize(req: &ExportTraceServiceRequest, ctx: &NormalizeContext) -> spanlake_engine::Result<Normalized> {
+    let total: usize = req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum();
+    let mut builder = SpanBatchBuilder::with_capacity(total.min(ctx.max_spans));
+    let mut out = Normalized {
+        batch: RecordBatch::new_empty(spanlake_engine::schema::spans_schema()),
+        rejected: 0,
+        errors: Vec::new(),
+        cuts: Cuts::default(),
+        bad_end_times: 0,
+        dropped_events_links: 0,
     };
+    let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+    let max_start_ns = now_ns.saturating_add(i64::try_from(ctx.limits.max_future_skew.as_nanos()).unwrap_or(i64::MAX));
+    let mut json = JsonWriter::new(&ctx.limits);
+    let mut scratch = Scratch::default();
+    let mut seen: HashSet<([u8; 16], [u8; 8])> = HashSet::with_capacity(total.min(ctx.max_spans));
+    let mut taken = 0usize;
+    for rs in &req.resource_spans {
+        let resource_attrs = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+        let service_name = resource_attrs
+            .iter()
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| as_str(kv.value.as_ref()));
+        let mut resource_json = String::new();
+        json.attributes(&mut resource_json, resource_attrs);
+        for ss in &rs.scope_spans {
+            let mut scope_json = String::from("{");
+            if let Some(scope) = &ss.scope {
+                scope_json.push_str("\"name\":");
+                write_str(&mut scope_json, &scope.name);
+                scope_json.push_str(",\"version\":");
+                write_str(&mut scope_json, &scope.version);
+                scope_json.push_str(",\"attributes\":");
+                json.attributes(&mut scope_json, &scope.attributes);
+            }
+            scope_json.push('}');
+            for span in &ss.spans {
+                let reject = |out: &mut Normalized, reason: String| {
+                    out.rejected += 1;
+                    if out.errors.len() < MAX_REPORTED_ERRORS {
+                        out.errors.push(format!("span {:?} ({}): {reason}", span.name, hex_lossy(&span.span_id)));
+                    }
+                };
+                if taken >= ctx.max_spans {
+                    reject(&mut out, format!("over the limit of {} spans per request", ctx.max_spans));
+                    continue;
+                }
+                let ids = (id::<16>(&span.trace_id, "trace_id"), id::<8>(&span.span_id, "span_id"));
+                let (trace_id, span_id) = match ids {
+                    (Ok(t), Ok(s)) => (t, s),
+                    (Err(e), _) | (_, Err(e)) => {
+                        reject(&mut out, e);
+                        continue;
+                    }
+                };
+                let parent_span_id = match span.parent_span_id.as_slice() {
+                    [] => None,
+                    p if p.iter().all(|b| *b == 0) => None,
+                    p => match id::<8>(p, "parent_span_id") {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            reject(&mut out, e);
+                            continue;
+                        }
+                    },
+                };
+                let start = i64::try_from(span.start_time_unix_nano).unwrap_or(i64::MAX);
+                if start == 0 {
+                    reject(&mut out, "start_time_unix_nano is 0".into());
+                    continue;
+                }
+                if start > max_start_ns {
+                    reject(&mut out, format!("starts more than {:?} in the future", ctx.limits.max_future_skew));
+                    continue;
+                }
+                if !seen.insert((trace_id, span_id)) {
+                    reject(&mut out, "duplicate of an earlier span in this request".into());
+                    continue;
+                }
+                let end = i64::try_from(span.end_time_unix_nano).unwrap_or(i64::MAX);
+                if end < start {
+                    out.bad_end_times += 1;
+                }
+                taken += 1;
+                let fields = SpanFields { trace_id, span_id, parent_span_id, start, end };
+                append_span(span, fields, service_name, &resource_json, &scope_json, ctx, &mut json, &mut scratch, &mut builder, &mut out);
+            }
+        }
+    }
+    out.cuts.add(json.cuts);
+    out.batch = builder.finish()?;
+    Ok(out)
+}
+
+fn hex_lossy(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes.iter().take(32) {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+struct SpanFields {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    parent_span_id: Option<[u8; 8]>,
+    start: i64,
+    end: i64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append_span(
+    span: &Span,
+    f: SpanFields,
+    service_name: Option<&str>,
+    resource_json: &str,
+    scope_json: &str,
+    ctx: &NormalizeContext,
+    json: &mut JsonWriter<'_>,
+    scratch: &mut Scratch,
+    builder: &mut SpanBatchBuilder,
+    out: &mut Normalized,
+) {
     let a = Attrs::new(&span.attributes);
-    let span_type = span_type(&a);
-    let traceloop_kind = a.str(&["traceloop.span.kind"]);
-
-    let provider =
-        a.string(&["gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"]);
-    let model = a.string(&[
-        "gen_ai.response.model",
-        "gen_ai.request.model",
-        "llm.response.model",
-        "llm.request.model",
-        "llm.model_name",
-        "embedding.model_name",
+    let span_type = classify(&a);
+    let traceloop_kind = a.str(&[K::TL_KIND]);
+    let provider = a.str(&[K::GENAI_PROVIDER, K::GENAI_SYSTEM, K::LLM_PROVIDER, K::LLM_SYSTEM]);
+    let model = a.str(&[
+        K::GENAI_RESPONSE_MODEL,
+        K::GENAI_REQUEST_MODEL,
+        K::LLM_RESPONSE_MODEL,
+        K::LLM_REQUEST_MODEL,
+        K::LLM_MODEL_NAME,
+        K::EMBEDDING_MODEL_NAME,
     ]);
-
-    let counts_tokens = matches!(span_type, "llm" | "embedding");
+    let counts_tokens = matches!(span_type, span_type::LLM | span_type::EMBEDDING);
     let (input_tokens, output_tokens, total_tokens) = if counts_tokens {
-        let input = a.int(&[
-            "gen_ai.usage.input_tokens",
-            "gen_ai.usage.prompt_tokens",
-            "llm.token_count.prompt",
-            "llm.usage.prompt_tokens",
-        ]);
+        let input = a.int(&[K::GENAI_INPUT_TOKENS, K::GENAI_PROMPT_TOKENS, K::OI_PROMPT_TOKENS, K::TL_PROMPT_TOKENS]);
         let output = a.int(&[
-            "gen_ai.usage.output_tokens",
-            "gen_ai.usage.completion_tokens",
-            "llm.token_count.completion",
-            "llm.usage.completion_tokens",
+            K::GENAI_OUTPUT_TOKENS,
+            K::GENAI_COMPLETION_TOKENS,
+            K::OI_COMPLETION_TOKENS,
+            K::TL_COMPLETION_TOKENS,
         ]);
-        let total = a
-            .int(&["gen_ai.usage.total_tokens", "llm.token_count.total", "llm.usage.total_tokens"])
-            .or_else(|| match (input, output) {
-                (None, None) => None,
-                (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
-            });
+        let total = a.int(&[K::GENAI_TOTAL_TOKENS, K::OI_TOTAL_TOKENS, K::TL_TOTAL_TOKENS]).or(match (input, output) {
+            (None, None) => None,
+            (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
+        });
         (input, output, total)
     } else {
         (None, None, None)
     };
-    let cost_usd = a
-        .float(&["gen_ai.usage.cost", "llm.cost.total", "gen_ai.usage.cost_usd"])
-        .or_else(|| {
-            if !counts_tokens {
-                return None;
-            }
-            prices.cost(model.as_deref()?, input_tokens, output_tokens)
-        });
-
-    let tool_name = a.string(&["gen_ai.tool.name", "tool.name"]).or_else(|| {
+    let cost_usd = a.float(&[K::GENAI_COST, K::OI_COST, K::GENAI_COST_USD]).or_else(|| {
+        if !counts_tokens {
+            return None;
+        }
+        ctx.prices.cost(model?, input_tokens, output_tokens)
+    });
+    let tool_name = a.str(&[K::GENAI_TOOL_NAME, K::OI_TOOL_NAME]).or_else(|| {
         if traceloop_kind == Some("tool") {
-            a.string(&["traceloop.entity.name"])
-        } else if span_type == "tool" {
-            Some(span.name.clone())
+            a.str(&[K::TL_ENTITY_NAME])
+        } else if span_type == span_type::TOOL {
+            Some(span.name.as_str())
         } else {
             None
         }
     });
-    let agent_name = a.string(&["gen_ai.agent.name", "agent.name"]).or_else(|| {
+    let agent_name = a.str(&[K::GENAI_AGENT_NAME, K::AGENT_NAME]).or_else(|| {
         if traceloop_kind == Some("agent") {
-            a.string(&["traceloop.entity.name"])
-        } else if span_type == "agent" {
-            Some(span.name.clone())
+            a.str(&[K::TL_ENTITY_NAME])
+        } else if span_type == span_type::AGENT {
+            Some(span.name.as_str())
         } else {
             None
         }
     });
-    let session_id = a.string(&[
-        "session.id",
-        "gen_ai.conversation.id",
-        "traceloop.association.properties.session_id",
-        "langfuse.session.id",
-    ]);
-    let user_id = a.string(&[
-        "user.id",
-        "enduser.id",
-        "traceloop.association.properties.user_id",
-        "langfuse.user.id",
-    ]);
+    let session_id = a.str(&[K::SESSION_ID, K::GENAI_CONVERSATION_ID, K::TL_SESSION_ID, K::LANGFUSE_SESSION_ID]);
+    let user_id = a.str(&[K::USER_ID, K::ENDUSER_ID, K::TL_USER_ID, K::LANGFUSE_USER_ID]);
 
-    let input = a
-        .string(&["gen_ai.input.messages"])
-        .or_else(|| unflatten_messages(&a, "llm.input_messages."))
-        .or_else(|| unflatten_messages(&a, "gen_ai.prompt."))
+    let input: Option<Cow<'_, str>> = a
+        .str(&[K::GENAI_INPUT_MESSAGES])
+        .map(Cow::Borrowed)
+        .or_else(|| a.oi_input_messages.then(|| unflatten_messages(&a, "llm.input_messages.")).flatten())
+        .or_else(|| a.tl_prompts.then(|| unflatten_messages(&a, "gen_ai.prompt.")).flatten())
         .or_else(|| event_messages(span, false))
         .or_else(|| {
-            a.string(&[
-                "input.value",
-                "traceloop.entity.input",
-                "gen_ai.tool.call.arguments",
-                "gen_ai.prompt",
-            ])
+            a.str(&[K::INPUT_VALUE, K::TL_ENTITY_INPUT, K::GENAI_TOOL_ARGUMENTS, K::GENAI_PROMPT]).map(Cow::Borrowed)
         });
-    let output = a
-        .string(&["gen_ai.output.messages"])
-        .or_else(|| unflatten_messages(&a, "llm.output_messages."))
-        .or_else(|| unflatten_messages(&a, "gen_ai.completion."))
+    let output: Option<Cow<'_, str>> = a
+        .str(&[K::GENAI_OUTPUT_MESSAGES])
+        .map(Cow::Borrowed)
+        .or_else(|| a.oi_output_messages.then(|| unflatten_messages(&a, "llm.output_messages.")).flatten())
+        .or_else(|| a.tl_completions.then(|| unflatten_messages(&a, "gen_ai.completion.")).flatten())
         .or_else(|| event_messages(span, true))
         .or_else(|| {
-            a.string(&[
-                "output.value",
-                "traceloop.entity.output",
-                "gen_ai.tool.call.result",
-                "gen_ai.completion",
-            ])
+            a.str(&[K::OUTPUT_VALUE, K::TL_ENTITY_OUTPUT, K::GENAI_TOOL_RESULT, K::GENAI_COMPLETION]).map(Cow::Borrowed)
         });
+    let max = ctx.limits.max_value_bytes;
+    let (input, cut_in) = limit_value(input, max);
+    let (output, cut_out) = limit_value(output, max);
+    out.cuts.truncated_values += u64::from(cut_in) + u64::from(cut_out);
+
+    scratch.attributes.clear();
+    json.attributes(&mut scratch.attributes, &span.attributes);
+    scratch.events.clear();
+    out.dropped_events_links += write_events(&mut scratch.events, span, json, ctx.limits.max_events);
+    scratch.links.clear();
+    out.dropped_events_links += write_links(&mut scratch.links, span, json, ctx.limits.max_links);
 
     let status = span.status.as_ref();
-    let start = clamp_ns(span.start_time_unix_nano);
-    let end = clamp_ns(span.end_time_unix_nano);
-    Ok(SpanRow {
-        trace_id,
-        span_id,
-        parent_span_id,
-        trace_state: Some(span.trace_state.clone()).filter(|s| !s.is_empty()),
-        name: span.name.clone(),
+    builder.append(&SpanRecord {
+        trace_id: f.trace_id,
+        span_id: f.span_id,
+        parent_span_id: f.parent_span_id,
+        trace_state: &span.trace_state,
+        name: &span.name,
         kind: span_kind(span.kind),
-        service_name: None,
-        start_time_ns: start,
-        end_time_ns: end,
+        service_name,
+        start_time_ns: f.start,
+        end_time_ns: f.end,
         status_code: status_code(status.map_or(0, |s| s.code)),
-        status_message: status.map(|s| s.message.clone()).filter(|m| !m.is_empty()),
+        status_message: status.map_or("", |s| s.message.as_str()),
         span_type,
         provider,
         model,
@@ -405,99 +613,93 @@ pub fn normalize_span(span: &Span, prices: &PriceTable) -> Result<SpanRow, Strin
         agent_name,
         session_id,
         user_id,
-        input,
-        output,
-        attributes: attrs_json(&span.attributes),
-        resource_attributes: String::new(),
-        events: events_json(span),
-        links: links_json(span),
-        scope: String::new(),
-    })
+        input: input.as_deref(),
+        output: output.as_deref(),
+        attributes: &scratch.attributes,
+        resource_attributes: resource_json,
+        events: &scratch.events,
+        links: &scratch.links,
+        scope: scope_json,
+    });
 }
 
-fn clamp_ns(ns: u64) -> i64 {
-    i64::try_from(ns).unwrap_or(i64::MAX)
+/// A value cut to `max` bytes with the truncation marker; whether it was cut.
+fn limit_value(s: Option<Cow<'_, str>>, max: usize) -> (Option<Cow<'_, str>>, bool) {
+    let Some(s) = s else { return (None, false) };
+    match truncate(&s, max) {
+        Some(cut) => (Some(Cow::Owned(cut)), true),
+        None => (Some(s), false),
+    }
 }
 
-/// An AnyValue as JSON: strings, numbers and booleans as themselves, arrays and key-value lists
-/// as arrays and objects, bytes as base64 strings, non-finite doubles as strings.
-pub fn any_to_json(v: &AnyValue) -> Value {
+/// Writes the span's events as a JSON array; returns how many were dropped over `max`.
+fn write_events(out: &mut String, span: &Span, json: &mut JsonWriter<'_>, max: usize) -> u64 {
+    out.push('[');
+    for (i, e) in span.events.iter().take(max).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"name\":");
+        write_str(out, &e.name);
+        let _ = write!(out, ",\"time_unix_nano\":{},\"attributes\":", e.time_unix_nano);
+        json.attributes(out, &e.attributes);
+        out.push('}');
+    }
+    out.push(']');
+    span.events.len().saturating_sub(max) as u64
+}
+
+/// Writes the span's links as a JSON array; returns how many were dropped over `max`.
+fn write_links(out: &mut String, span: &Span, json: &mut JsonWriter<'_>, max: usize) -> u64 {
+    out.push('[');
+    for (i, l) in span.links.iter().take(max).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"trace_id\":");
+        write_str(out, &hex_lossy(&l.trace_id));
+        out.push_str(",\"span_id\":");
+        write_str(out, &hex_lossy(&l.span_id));
+        if !l.trace_state.is_empty() {
+            out.push_str(",\"trace_state\":");
+            write_str(out, &l.trace_state);
+        }
+        out.push_str(",\"attributes\":");
+        json.attributes(out, &l.attributes);
+        out.push('}');
+    }
+    out.push(']');
+    span.links.len().saturating_sub(max) as u64
+}
+
+/// An AnyValue as a JSON tree (for rebuilding flattened message lists).
+fn any_to_json(v: &AnyValue) -> Value {
     match &v.value {
-        None => Value::Null,
+        None | Some(any_value::Value::StringValueStrindex(_)) => Value::Null,
         Some(any_value::Value::StringValue(s)) => Value::String(s.clone()),
         Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
         Some(any_value::Value::IntValue(i)) => Value::from(*i),
-        Some(any_value::Value::DoubleValue(d)) => serde_json::Number::from_f64(*d)
-            .map_or_else(|| Value::String(d.to_string()), Value::Number),
+        Some(any_value::Value::DoubleValue(d)) => {
+            serde_json::Number::from_f64(*d).map_or_else(|| Value::String(d.to_string()), Value::Number)
+        }
         Some(any_value::Value::ArrayValue(a)) => Value::Array(a.values.iter().map(any_to_json).collect()),
-        Some(any_value::Value::KvlistValue(kv)) => attrs_value(&kv.values),
+        Some(any_value::Value::KvlistValue(kv)) => Value::Object(
+            kv.values
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json)))
+                .collect(),
+        ),
         Some(any_value::Value::BytesValue(b)) => {
+            use base64::Engine as _;
             Value::String(base64::engine::general_purpose::STANDARD.encode(b))
         }
-        // A string-table index is only meaningful in profiles, never in traces.
-        Some(any_value::Value::StringValueStrindex(_)) => Value::Null,
     }
-}
-
-fn attrs_value(list: &[KeyValue]) -> Value {
-    let mut m = Map::with_capacity(list.len());
-    for kv in list {
-        m.insert(kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json));
-    }
-    Value::Object(m)
-}
-
-/// Attributes as one JSON object text.
-pub fn attrs_json(list: &[KeyValue]) -> String {
-    if list.is_empty() {
-        return "{}".to_string();
-    }
-    attrs_value(list).to_string()
-}
-
-fn events_json(span: &Span) -> String {
-    if span.events.is_empty() {
-        return "[]".to_string();
-    }
-    let events: Vec<Value> = span
-        .events
-        .iter()
-        .map(|e| {
-            let mut m = Map::new();
-            m.insert("name".into(), Value::String(e.name.clone()));
-            m.insert("time_unix_nano".into(), Value::from(e.time_unix_nano));
-            m.insert("attributes".into(), attrs_value(&e.attributes));
-            Value::Object(m)
-        })
-        .collect();
-    Value::Array(events).to_string()
-}
-
-fn links_json(span: &Span) -> String {
-    if span.links.is_empty() {
-        return "[]".to_string();
-    }
-    let links: Vec<Value> = span
-        .links
-        .iter()
-        .map(|l| {
-            let mut m = Map::new();
-            m.insert("trace_id".into(), Value::String(hex::encode(&l.trace_id)));
-            m.insert("span_id".into(), Value::String(hex::encode(&l.span_id)));
-            if !l.trace_state.is_empty() {
-                m.insert("trace_state".into(), Value::String(l.trace_state.clone()));
-            }
-            m.insert("attributes".into(), attrs_value(&l.attributes));
-            Value::Object(m)
-        })
-        .collect();
-    Value::Array(links).to_string()
 }
 
 /// Rebuilds flattened attributes under `prefix` (`prefix.0.message.role` ...) into a JSON array
 /// of objects, dropping OpenInference's single-key wrappers (`message`, `tool_call`,
 /// `message_content`).
-fn unflatten_messages(a: &Attrs<'_>, prefix: &str) -> Option<String> {
+fn unflatten_messages<'x>(a: &Attrs<'_>, prefix: &str) -> Option<Cow<'x, str>> {
     let mut root = Value::Object(Map::new());
     let mut any = false;
     for kv in a.list {
@@ -510,10 +712,7 @@ fn unflatten_messages(a: &Attrs<'_>, prefix: &str) -> Option<String> {
         insert_path(&mut root, path.split('.'), any_to_json(value));
         any = true;
     }
-    if !any {
-        return None;
-    }
-    Some(tidy(root).to_string())
+    any.then(|| Cow::Owned(tidy(root).to_string()))
 }
 
 fn insert_path<'p>(node: &mut Value, mut path: impl Iterator<Item = &'p str>, value: Value) {
@@ -543,8 +742,7 @@ fn tidy(v: Value) -> Value {
                 && let Some(key) = m.keys().next()
                 && matches!(key.as_str(), "message" | "tool_call" | "message_content")
             {
-                let (_, inner) = m.into_iter().next().expect("one entry");
-                return tidy(inner);
+                return m.into_iter().next().map_or(Value::Null, |(_, inner)| tidy(inner));
             }
             Value::Object(m.into_iter().map(|(k, v)| (k, tidy(v))).collect())
         }
@@ -554,13 +752,15 @@ fn tidy(v: Value) -> Value {
 
 /// Messages carried as span events by the older GenAI conventions (`gen_ai.user.message`,
 /// `gen_ai.choice`, ...) or the `gen_ai.client.inference.operation.details` event.
-fn event_messages(span: &Span, output: bool) -> Option<String> {
+fn event_messages<'x>(span: &Span, output: bool) -> Option<Cow<'x, str>> {
+    if span.events.is_empty() {
+        return None;
+    }
     let mut messages = Vec::new();
     for e in &span.events {
-        let attrs = Attrs::new(&e.attributes);
         let key = if output { "gen_ai.output.messages" } else { "gen_ai.input.messages" };
-        if let Some(s) = attrs.str(&[key]) {
-            return Some(s.to_string());
+        if let Some(s) = e.attributes.iter().find(|kv| kv.key == key).and_then(|kv| as_str(kv.value.as_ref())) {
+            return Some(Cow::Owned(s.to_string()));
         }
         let role = match e.name.as_str() {
             "gen_ai.choice" if output => "assistant",
@@ -570,14 +770,15 @@ fn event_messages(span: &Span, output: bool) -> Option<String> {
             "gen_ai.tool.message" if !output => "tool",
             _ => continue,
         };
-        let mut m = match attrs_value(&e.attributes) {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        };
+        let mut m: Map<String, Value> = e
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json)))
+            .collect();
         m.entry("role").or_insert_with(|| Value::String(role.to_string()));
         messages.push(Value::Object(m));
     }
-    if messages.is_empty() { None } else { Some(Value::Array(messages).to_string()) }
+    (!messages.is_empty()).then(|| Cow::Owned(Value::Array(messages).to_string()))
 }
 
 #[cfg(test)]

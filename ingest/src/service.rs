@@ -3,42 +3,31 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use spanlake_engine::metrics::{Counter, EngineMetrics, Exposition, Histogram};
-use spanlake_engine::pipeline::Pipeline;
-use spanlake_engine::pricing::PriceTable;
-use spanlake_proto::collector::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use spanlake_engine::Engine;
+use spanlake_engine::metrics::{Counter, Exposition, Histogram};
+use spanlake_proto::collector::{ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse};
 
-use crate::error::Result;
-use crate::normalize::normalize;
-
-/// Receiver limits.
-#[derive(Debug, Clone)]
-pub struct IngestLimits {
-    /// Largest request body accepted, as sent (compressed) and after decompression, in bytes.
-    pub max_request_bytes: usize,
-}
-
-impl Default for IngestLimits {
-    fn default() -> Self {
-        Self { max_request_bytes: 16 << 20 }
-    }
-}
+use crate::error::{Error, Result};
+use crate::limits::RequestLimits;
+use crate::normalize::{NormalizeContext, normalize};
 
 /// Metrics of the receivers.
 #[derive(Debug, Default)]
 pub struct IngestMetrics {
+    /// Export requests handled.
+    pub requests: Counter,
     /// Spans received in well-formed requests.
     pub spans_received: Counter,
-    /// Spans accepted (admitted to the buffer).
+    /// Spans accepted (durable and visible).
     pub spans_accepted: Counter,
     /// Spans rejected as invalid (OTLP partial success).
     pub spans_rejected: Counter,
-    /// Spans refused because the server was overloaded or stopping (client retries).
+    /// Spans refused because the server was overloaded or stopping (the client retries).
     pub spans_refused: Counter,
     /// Requests refused as malformed.
     pub requests_invalid: Counter,
+    /// Values truncated, attributes dropped or replaced to stay within the limits.
+    pub values_cut: Counter,
     /// Time to handle an export request.
     pub export_seconds: Histogram,
 }
@@ -46,73 +35,114 @@ pub struct IngestMetrics {
 impl IngestMetrics {
     /// Appends the receivers' metrics to an exposition.
     pub fn render(&self, e: &mut Exposition) {
+        e.counter("spanlake_export_requests_total", "OTLP export requests handled", self.requests.get());
         e.counter("spanlake_spans_received_total", "Spans received in well-formed requests", self.spans_received.get());
-        e.counter("spanlake_spans_accepted_total", "Spans accepted into the buffer", self.spans_accepted.get());
+        e.counter("spanlake_spans_accepted_total", "Spans accepted (durable and visible)", self.spans_accepted.get());
         e.counter("spanlake_spans_rejected_total", "Spans rejected as invalid", self.spans_rejected.get());
         e.counter("spanlake_spans_refused_total", "Spans refused under overload (retryable)", self.spans_refused.get());
         e.counter("spanlake_requests_invalid_total", "Export requests refused as malformed", self.requests_invalid.get());
+        e.counter("spanlake_values_cut_total", "Values truncated or dropped to stay within limits", self.values_cut.get());
         e.histogram("spanlake_export_duration_seconds", "Time to handle an export request", &self.export_seconds);
     }
 }
 
 #[derive(Debug)]
 struct Inner {
-    pipeline: Arc<Pipeline>,
-    prices: Arc<PriceTable>,
+    engine: Arc<Engine>,
+    context: NormalizeContext,
+    limits: RequestLimits,
     metrics: Arc<IngestMetrics>,
-    limits: IngestLimits,
 }
 
-/// Normalises export requests and admits their rows to the engine.
+/// Normalises export requests and stores their spans through the engine.
 #[derive(Debug, Clone)]
 pub struct IngestService {
     inner: Arc<Inner>,
 }
 
+/// Where a request's bytes come from, for decoding off the IO threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `application/x-protobuf`.
+    Protobuf,
+    /// `application/json` (OTLP/JSON).
+    Json,
+}
+
 impl IngestService {
-    /// A service feeding `pipeline`.
+    /// A service storing into `engine`.
     pub fn new(
-        pipeline: Arc<Pipeline>,
-        prices: Arc<PriceTable>,
+        engine: Arc<Engine>,
+        context: NormalizeContext,
+        limits: RequestLimits,
         metrics: Arc<IngestMetrics>,
-        limits: IngestLimits,
     ) -> Self {
-        Self { inner: Arc::new(Inner { pipeline, prices, metrics, limits }) }
+        Self { inner: Arc::new(Inner { engine, context, limits, metrics }) }
     }
 
-    /// The limits in force.
-    pub fn limits(&self) -> &IngestLimits {
+    /// The request limits in force.
+    pub fn limits(&self) -> &RequestLimits {
         &self.inner.limits
     }
 
     /// The receivers' metrics.
-    pub fn metrics(&self) -> &IngestMetrics {
+    pub fn metrics(&self) -> &Arc<IngestMetrics> {
         &self.inner.metrics
     }
 
-    /// The engine's metrics are not owned here; this renders only the receivers'.
-    pub fn render_metrics(&self, e: &mut Exposition, engine: &EngineMetrics) {
-        self.inner.metrics.render(e);
-        engine.render(e);
+    /// Decodes and exports a request body (already decompressed).
+    pub async fn export_bytes(&self, project: Arc<str>, body: bytes::Bytes, encoding: Encoding) -> Result<ExportTraceServiceResponse> {
+        let started = Instant::now();
+        self.inner.metrics.requests.add(1);
+        let inner = Arc::clone(&self.inner);
+        let normalized = spanlake_engine::on_cpu(move || -> Result<_> {
+            let req = match encoding {
+                Encoding::Protobuf => spanlake_proto::decode_protobuf(&body)?,
+                Encoding::Json => spanlake_proto::decode_json(&body)?,
+            };
+            Ok(normalize(&req, &inner.context)?)
+        })
+        .await
+        .map_err(Error::Engine)?;
+        let normalized = match normalized {
+            Ok(n) => n,
+            Err(e) => {
+                self.count_invalid();
+                return Err(e);
+            }
+        };
+        self.store(project, normalized, started).await
     }
 
-    /// Handles one export: valid spans are admitted, invalid ones reported as partial success.
-    /// Nothing is admitted when the engine refuses the request (overload, shutdown).
-    pub fn export(&self, req: &ExportTraceServiceRequest) -> Result<ExportTraceServiceResponse> {
+    /// Exports a decoded request.
+    pub async fn export(&self, project: Arc<str>, req: ExportTraceServiceRequest) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
+        self.inner.metrics.requests.add(1);
+        let inner = Arc::clone(&self.inner);
+        let normalized = spanlake_engine::on_cpu(move || normalize(&req, &inner.context)).await??;
+        self.store(project, normalized, started).await
+    }
+
+    async fn store(
+        &self,
+        project: Arc<str>,
+        normalized: crate::normalize::Normalized,
+        started: Instant,
+    ) -> Result<ExportTraceServiceResponse> {
         let m = &self.inner.metrics;
-        let normalized = normalize(req, &self.inner.prices);
-        let accepted = normalized.rows.len() as u64;
+        let accepted = normalized.batch.num_rows() as u64;
         m.spans_received.add(accepted + normalized.rejected);
         m.spans_rejected.add(normalized.rejected);
-        let message = normalized.error_message();
-        if let Err(e) = self.inner.pipeline.ingest(normalized.rows) {
+        let c = normalized.cuts;
+        m.values_cut.add(c.truncated_values + c.dropped_attributes + c.too_deep + normalized.dropped_events_links);
+        let message = normalized.message();
+        if let Err(e) = self.inner.engine.ingest(project, normalized.batch).await {
             m.spans_refused.add(accepted);
             return Err(e.into());
         }
         m.spans_accepted.add(accepted);
         m.export_seconds.observe(started.elapsed());
-        let partial_success = (normalized.rejected > 0).then(|| ExportTracePartialSuccess {
+        let partial_success = (normalized.rejected > 0 || !message.is_empty()).then(|| ExportTracePartialSuccess {
             rejected_spans: normalized.rejected as i64,
             error_message: message,
         });

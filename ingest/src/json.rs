@@ -1,0 +1,245 @@
+//! JSON text written straight from OTLP values, under the per-span limits.
+//!
+//! Attribute maps become JSON objects keyed by attribute name, with typed values: strings,
+//! integers and doubles as numbers, booleans, arrays, key-value lists as objects, bytes as
+//! base64 strings, and non-finite doubles as the strings `"NaN"`, `"Infinity"`, `"-Infinity"`.
+//! No intermediate tree is built: this runs for every attribute of every span.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use spanlake_proto::common::{AnyValue, KeyValue, any_value};
+
+use crate::limits::SpanLimits;
+
+/// What writing JSON had to cut to stay within the limits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cuts {
+    /// String values truncated.
+    pub truncated_values: u64,
+    /// Attributes dropped past the per-span count.
+    pub dropped_attributes: u64,
+    /// Values replaced because they nested too deep.
+    pub too_deep: u64,
+}
+
+impl Cuts {
+    /// Whether anything was cut.
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
+
+    /// Adds `other`.
+    pub fn add(&mut self, other: Cuts) {
+        self.truncated_values += other.truncated_values;
+        self.dropped_attributes += other.dropped_attributes;
+        self.too_deep += other.too_deep;
+    }
+}
+
+/// Writes JSON under limits, counting what it cut.
+#[derive(Debug)]
+pub struct JsonWriter<'l> {
+    limits: &'l SpanLimits,
+    /// What was cut so far.
+    pub cuts: Cuts,
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn write_str(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// The marker appended to a truncated value: what was kept and how long the original was.
+pub fn truncation_marker(kept: usize, original: usize) -> String {
+    format!("…[truncated: {kept} of {original} bytes]")
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, with the marker, if it is longer.
+pub fn truncate(s: &str, max: usize) -> Option<String> {
+    if s.len() <= max {
+        return None;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 48);
+    out.push_str(&s[..end]);
+    out.push_str(&truncation_marker(end, s.len()));
+    Some(out)
+}
+
+impl<'l> JsonWriter<'l> {
+    /// A writer under `limits`.
+    pub fn new(limits: &'l SpanLimits) -> Self {
+        Self { limits, cuts: Cuts::default() }
+    }
+
+    fn string(&mut self, out: &mut String, s: &str) {
+        match truncate(s, self.limits.max_value_bytes) {
+            Some(cut) => {
+                self.cuts.truncated_values += 1;
+                write_str(out, &cut);
+            }
+            None => write_str(out, s),
+        }
+    }
+
+    /// Appends an attribute list as a JSON object (at most `max_attributes` entries).
+    pub fn attributes(&mut self, out: &mut String, list: &[KeyValue]) {
+        self.object(out, list, 0);
+    }
+
+    fn object(&mut self, out: &mut String, list: &[KeyValue], depth: usize) {
+        out.push('{');
+        let max = self.limits.max_attributes;
+        for (i, kv) in list.iter().enumerate() {
+            if i >= max {
+                self.cuts.dropped_attributes += (list.len() - max) as u64;
+                break;
+            }
+            if i > 0 {
+                out.push(',');
+            }
+            write_str(out, &kv.key);
+            out.push(':');
+            match &kv.value {
+                Some(v) => self.value(out, v, depth + 1),
+                None => out.push_str("null"),
+            }
+        }
+        out.push('}');
+    }
+
+    /// Appends one value.
+    pub fn value(&mut self, out: &mut String, v: &AnyValue, depth: usize) {
+        use any_value::Value as V;
+        let nested = matches!(v.value, Some(V::ArrayValue(_) | V::KvlistValue(_)));
+        if nested && depth > self.limits.max_depth {
+            self.cuts.too_deep += 1;
+            out.push_str("\"[nesting deeper than ");
+            let _ = write!(out, "{}", self.limits.max_depth);
+            out.push_str(" levels]\"");
+            return;
+        }
+        match &v.value {
+            None => out.push_str("null"),
+            Some(V::StringValue(s)) => self.string(out, s),
+            Some(V::BoolValue(b)) => out.push_str(if *b { "true" } else { "false" }),
+            Some(V::IntValue(i)) => {
+                let _ = write!(out, "{i}");
+            }
+            Some(V::DoubleValue(d)) => write_f64(out, *d),
+            Some(V::BytesValue(b)) => {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(b);
+                self.string(out, &encoded);
+            }
+            Some(V::ArrayValue(a)) => {
+                out.push('[');
+                for (i, item) in a.values.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    self.value(out, item, depth + 1);
+                }
+                out.push(']');
+            }
+            Some(V::KvlistValue(kv)) => self.object(out, &kv.values, depth),
+            // A string-table index is only meaningful in profiles, never in traces.
+            Some(V::StringValueStrindex(_)) => out.push_str("null"),
+        }
+    }
+}
+
+/// Appends a double as a JSON number (non-finite values as strings).
+pub fn write_f64(out: &mut String, d: f64) {
+    if d.is_nan() {
+        out.push_str("\"NaN\"");
+    } else if d.is_infinite() {
+        out.push_str(if d > 0.0 { "\"Infinity\"" } else { "\"-Infinity\"" });
+    } else if d.fract() == 0.0 && d.abs() < 1e15 {
+        // Keep the decimal point so readers see a double, not an integer.
+        let _ = write!(out, "{d:.1}");
+    } else {
+        let _ = write!(out, "{d}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spanlake_proto::common::{ArrayValue, KeyValueList};
+
+    fn kv(key: &str, v: any_value::Value) -> KeyValue {
+        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
+    }
+
+    #[test]
+    fn values_keep_their_types() {
+        use any_value::Value as V;
+        let attrs = vec![
+            kv("s", V::StringValue("x\"\n\u{1}é".into())),
+            kv("i", V::IntValue(-3)),
+            kv("d", V::DoubleValue(1.5)),
+            kv("w", V::DoubleValue(2.0)),
+            kv("b", V::BoolValue(true)),
+            kv("bytes", V::BytesValue(vec![1, 2, 3])),
+            kv("nan", V::DoubleValue(f64::NAN)),
+            kv("a", V::ArrayValue(ArrayValue { values: vec![AnyValue { value: Some(V::IntValue(1)) }] })),
+            kv("kv", V::KvlistValue(KeyValueList { values: vec![kv("k", V::StringValue("v".into()))] })),
+        ];
+        let limits = SpanLimits::default();
+        let mut w = JsonWriter::new(&limits);
+        let mut out = String::new();
+        w.attributes(&mut out, &attrs);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({"a":[1],"b":true,"bytes":"AQID","d":1.5,"w":2.0,"i":-3,
+                "kv":{"k":"v"},"nan":"NaN","s":"x\"\n\u{1}é"})
+        );
+        assert!(out.contains("\"w\":2.0"), "{out}");
+        assert!(!w.cuts.any());
+    }
+
+    #[test]
+    fn limits_cut_and_count() {
+        use any_value::Value as V;
+        let limits = SpanLimits { max_attributes: 2, max_value_bytes: 5, max_depth: 1, ..SpanLimits::default() };
+        let deep = V::ArrayValue(ArrayValue {
+            values: vec![AnyValue { value: Some(V::ArrayValue(ArrayValue { values: vec![] })) }],
+        });
+        let attrs = vec![kv("long", V::StringValue("ééééé".into())), kv("deep", deep), kv("gone", V::IntValue(1))];
+        let mut w = JsonWriter::new(&limits);
+        let mut out = String::new();
+        w.attributes(&mut out, &attrs);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed["long"], "éé…[truncated: 4 of 10 bytes]");
+        assert_eq!(parsed["deep"], serde_json::json!(["[nesting deeper than 1 levels]"]));
+        assert!(parsed.get("gone").is_none());
+        assert_eq!(w.cuts, Cuts { truncated_values: 1, dropped_attributes: 1, too_deep: 1 });
+    }
+}
