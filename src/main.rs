@@ -1,1 +1,173 @@
-fn main(){}
+//! The `spanlake` binary: command line, configuration and wiring.
+
+mod config;
+mod serve;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+
+/// Storage engine and SQL backend for AI-agent traces.
+#[derive(Debug, Parser)]
+#[command(name = "spanlake", version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings every command shares. Precedence: defaults < file < environment < flags.
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "SPANLAKE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Local directory for the WAL and, by default, the data.
+    #[arg(long, global = true, env = "SPANLAKE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Where Parquet files and the catalog go (file://, s3://, gs://, az://).
+    #[arg(long, global = true, env = "SPANLAKE_LOCATION")]
+    location: Option<String>,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, global = true, env = "SPANLAKE_LOG", default_value = "info")]
+    log: String,
+    /// Worker threads (defaults to the number of cores).
+    #[arg(long, global = true, env = "SPANLAKE_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: OTLP in (gRPC and HTTP), SQL out.
+    Serve(ServeArgs),
+    /// Run one SQL query over a data directory and print the result.
+    Sql(SqlArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// OTLP/HTTP, SQL and API listen address.
+    #[arg(long, env = "SPANLAKE_HTTP_LISTEN")]
+    http_listen: Option<std::net::SocketAddr>,
+    /// OTLP/gRPC listen address.
+    #[arg(long, env = "SPANLAKE_GRPC_LISTEN")]
+    grpc_listen: Option<std::net::SocketAddr>,
+    /// `fsync` (default) or `none`.
+    #[arg(long, env = "SPANLAKE_DURABILITY")]
+    durability: Option<String>,
+    /// Flush to Parquet when the oldest span in memory is this old (e.g. `10s`).
+    #[arg(long, env = "SPANLAKE_FLUSH_MAX_AGE")]
+    flush_max_age: Option<String>,
+    /// Memory ingest may hold before Parquet (e.g. `1GiB`).
+    #[arg(long, env = "SPANLAKE_MEMORY_BUDGET")]
+    memory_budget: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+struct SqlArgs {
+    /// The query.
+    query: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
+fn load_config(common: &CommonArgs) -> anyhow::Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &common.data_dir {
+        config.data_dir.clone_from(d);
+    }
+    if let Some(l) = &common.location {
+        config.location = Some(l.clone());
+    }
+    Ok(config)
+}
+
+fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> {
+    if let Some(a) = args.http_listen {
+        config.listen.http = a;
+    }
+    if let Some(a) = args.grpc_listen {
+        config.listen.grpc = a;
+    }
+    if let Some(d) = &args.durability {
+        config.storage.durability = match d.as_str() {
+            "fsync" => spanlake_engine::wal::Durability::Fsync,
+            "none" => spanlake_engine::wal::Durability::None,
+            other => anyhow::bail!("invalid durability {other:?}: use fsync or none"),
+        };
+    }
+    if let Some(a) = &args.flush_max_age {
+        config.storage.flush_max_age = config::HumanDuration(config::parse_duration(a)?);
+    }
+    if let Some(m) = &args.memory_budget {
+        config.storage.memory_budget = config::ByteSize(config::parse_size(m)?);
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.common.log)
+                .context("invalid --log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = load_config(&cli.common)?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("spanlake");
+    if let Some(n) = cli.common.threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.build().context("cannot start the runtime")?;
+    match cli.command {
+        Command::Serve(args) => {
+            apply_serve_flags(&mut config, &args)?;
+            runtime.block_on(serve::serve(config))
+        }
+        Command::Sql(args) => runtime.block_on(sql(config, args)),
+    }
+}
+
+async fn sql(config: Config, args: SqlArgs) -> anyhow::Result<()> {
+    let url = config.location_url();
+    let location = spanlake_engine::objstore::open_location(&url, &config.location_options)?;
+    let store = spanlake_engine::engine::open_snapshot(&config.wal_dir(), location)
+        .await
+        .with_context(|| format!("cannot read {url}"))?;
+    let prices = Arc::new(config.prices()?);
+    let engine =
+        spanlake_query::QueryEngine::new(store, None, prices, &config.query(), Arc::default())
+            .await?;
+    let result = engine.sql(&args.query).await?;
+    let format = match args.format {
+        OutputFormat::Table => spanlake_query::format::Format::Table,
+        OutputFormat::Json => spanlake_query::format::Format::Json,
+        OutputFormat::Csv => spanlake_query::format::Format::Csv,
+    };
+    let bytes = spanlake_query::format::encode(&result, format)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)?;
+    if !bytes.ends_with(b"\n") {
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}

@@ -93,13 +93,16 @@ pub struct Engine {
     flush_now: Notify,
     closing: AtomicBool,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Held while the engine lives: no second process writes this WAL.
+    _lock: std::fs::File,
 }
 
 /// Reads this node's id from the WAL directory, creating it on first start.
 fn node_id(dir: &std::path::Path) -> Result<String> {
     let path = dir.join("NODE_ID");
     let io = |source| Error::LocalIo { path: path.clone(), source };
-    std::fs::create_dir_all(dir).map_err(|source| Error::LocalIo { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|source| Error::LocalIo { path: dir.to_path_buf(), source })?;
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         Ok(_) | Err(_) => {
@@ -110,6 +113,45 @@ fn node_id(dir: &std::path::Path) -> Result<String> {
             Ok(id)
         }
     }
+}
+
+/// Takes the exclusive lock of a WAL directory: one process writes a WAL at a time.
+fn lock_wal_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .map_err(|source| Error::LocalIo { path: dir.to_path_buf(), source })?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| Error::LocalIo { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path }),
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::LocalIo { path, source }),
+    }
+}
+
+/// A read-only view of a data location and its WAL, for tools that run beside (or without) a
+/// server: the committed files plus the WAL records not yet flushed.
+pub async fn open_snapshot(
+    wal_dir: &std::path::Path,
+    object_store: Arc<dyn ObjectStore>,
+) -> Result<Arc<SpanStore>> {
+    let node = std::fs::read_to_string(wal_dir.join("NODE_ID")).unwrap_or_default();
+    let (_, state) = Catalog::load(Arc::clone(&object_store), "reader").await?;
+    let flushed = state.flushed_lsn(node.trim());
+    let store = SpanStore::new(object_store, state.files.values().cloned());
+    let dir = wal_dir.to_path_buf();
+    let records = on_cpu(move || wal::read_only(&dir)).await??;
+    let pending: Vec<Committed> = records
+        .into_iter()
+        .filter(|r| r.lsn > flushed)
+        .map(|r| Committed { lsn: r.lsn, project: r.project, batch: r.batch, charged: 0 })
+        .collect();
+    store.push_batches(coalesce(pending));
+    Ok(Arc::new(store))
 }
 
 /// Concatenates committed records into one memory batch per project.
@@ -149,6 +191,7 @@ impl Engine {
         object_store: Arc<dyn ObjectStore>,
         metrics: Arc<EngineMetrics>,
     ) -> Result<Arc<Self>> {
+        let lock = lock_wal_dir(&config.wal_dir)?;
         let node_id = node_id(&config.wal_dir)?;
         let (catalog, state) = Catalog::load(Arc::clone(&object_store), &node_id).await?;
         let flushed_lsn = state.flushed_lsn(&node_id);
@@ -210,10 +253,15 @@ impl Engine {
             flush_now: Notify::new(),
             closing: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
+            _lock: lock,
         });
         let flusher = crate::task::spawn(Arc::clone(&engine).run_flusher());
         let refresher = crate::task::spawn(Arc::clone(&engine).run_refresher());
-        engine.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend([flusher, refresher]);
+        engine
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend([flusher, refresher]);
         Ok(engine)
     }
 
@@ -287,7 +335,8 @@ impl Engine {
     }
 
     async fn run_flusher(self: Arc<Self>) {
-        let tick = (self.config.flush_max_age / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let tick = (self.config.flush_max_age / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut backoff = Duration::from_millis(100);
         while !self.closing.load(Ordering::Acquire) {
             let _ = tokio::time::timeout(tick, self.flush_now.notified()).await;
@@ -429,7 +478,9 @@ impl Engine {
                 }
             }
         }
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let tasks = std::mem::take(
+            &mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for t in tasks {
             t.abort();
         }

@@ -109,6 +109,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another process holds the WAL directory.
+    #[error("{path} is locked by another spanlake process writing the same data directory")]
+    Locked {
+        /// The lock file.
+        path: std::path::PathBuf,
+    },
     /// A CPU task panicked or was cancelled.
     #[error("cpu task failed")]
     TaskFailed {
@@ -141,7 +147,8 @@ impl Error {
             | Self::ObjectStore { .. }
             | Self::WalIo { .. }
             | Self::CatalogConflict { .. }
-            | Self::LocalIo { .. } => ErrorKind::Unavailable,
+            | Self::LocalIo { .. }
+            | Self::Locked { .. } => ErrorKind::Unavailable,
             Self::PriceTable { .. } | Self::Location { .. } => ErrorKind::InvalidInput,
             Self::Arrow { .. }
             | Self::Parquet { .. }

@@ -72,9 +72,25 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct Exposition {
     out: String,
+    families: std::collections::HashSet<String>,
 }
 
 impl Exposition {
+    /// A counter with one label; the help and type lines are written once per name.
+    pub fn labeled_counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        value_of_label: &str,
+        value: u64,
+    ) {
+        if self.families.insert(name.to_string()) {
+            let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} counter");
+        }
+        let _ = writeln!(self.out, "{name}{{{label}=\"{value_of_label}\"}} {value}");
+    }
+
     /// A counter line with its help and type.
     pub fn counter(&mut self, name: &str, help: &str, value: u64) {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
@@ -132,16 +148,52 @@ pub struct EngineMetrics {
 impl EngineMetrics {
     /// Appends the engine's metrics to an exposition.
     pub fn render(&self, e: &mut Exposition) {
-        e.counter("spanlake_spans_ingested_total", "Spans committed to the WAL and visible to queries", self.spans_ingested.get());
-        e.counter("spanlake_spans_flushed_total", "Spans written to Parquet files", self.spans_flushed.get());
+        e.counter(
+            "spanlake_spans_ingested_total",
+            "Spans committed to the WAL and visible to queries",
+            self.spans_ingested.get(),
+        );
+        e.counter(
+            "spanlake_spans_flushed_total",
+            "Spans written to Parquet files",
+            self.spans_flushed.get(),
+        );
         e.counter("spanlake_flushes_total", "Flushes committed", self.flushes.get());
-        e.counter("spanlake_files_written_total", "Parquet files written", self.files_written.get());
-        e.counter("spanlake_bytes_written_total", "Bytes of Parquet written", self.bytes_written.get());
+        e.counter(
+            "spanlake_files_written_total",
+            "Parquet files written",
+            self.files_written.get(),
+        );
+        e.counter(
+            "spanlake_bytes_written_total",
+            "Bytes of Parquet written",
+            self.bytes_written.get(),
+        );
         e.counter("spanlake_flush_errors_total", "Failed flush attempts", self.flush_errors.get());
-        e.histogram("spanlake_flush_duration_seconds", "Time to encode, write and commit one flush", &self.flush_seconds);
-        e.counter("spanlake_wal_bytes_total", "Bytes appended to the write-ahead log", self.wal_bytes.get());
-        e.counter("spanlake_wal_syncs_total", "Write-ahead log group commits", self.wal_syncs.get());
-        e.counter("spanlake_wal_errors_total", "Write-ahead log write or sync failures", self.wal_errors.get());
-        e.histogram("spanlake_wal_sync_duration_seconds", "Time of one write-ahead log group commit", &self.wal_sync_seconds);
+        e.histogram(
+            "spanlake_flush_duration_seconds",
+            "Time to encode, write and commit one flush",
+            &self.flush_seconds,
+        );
+        e.counter(
+            "spanlake_wal_bytes_total",
+            "Bytes appended to the write-ahead log",
+            self.wal_bytes.get(),
+        );
+        e.counter(
+            "spanlake_wal_syncs_total",
+            "Write-ahead log group commits",
+            self.wal_syncs.get(),
+        );
+        e.counter(
+            "spanlake_wal_errors_total",
+            "Write-ahead log write or sync failures",
+            self.wal_errors.get(),
+        );
+        e.histogram(
+            "spanlake_wal_sync_duration_seconds",
+            "Time of one write-ahead log group commit",
+            &self.wal_sync_seconds,
+        );
     }
 }

@@ -185,7 +185,12 @@ impl fmt::Display for InstrumentedStore {
 
 #[async_trait]
 impl ObjectStore for InstrumentedStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         if Faults::take(&self.faults.fail_puts) {
             return Err(injected("put", location));
         }
@@ -205,7 +210,11 @@ impl ObjectStore for InstrumentedStore {
         self.inner.put_multipart_opts(location, opts).await
     }
 
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
         if Faults::take(&self.faults.fail_gets) {
             return Err(injected("get", location));
         }
@@ -220,7 +229,11 @@ impl ObjectStore for InstrumentedStore {
         Ok(result)
     }
 
-    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> object_store::Result<Vec<Bytes>> {
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
         if Faults::take(&self.faults.fail_gets) {
             return Err(injected("get", location));
         }
@@ -269,7 +282,12 @@ impl ObjectStore for InstrumentedStore {
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
         self.counters.put.add(0);
         self.inner.copy_opts(from, to, options).await
     }

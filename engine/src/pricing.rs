@@ -102,7 +102,12 @@ impl PriceTable {
     }
 
     /// Cost in USD of a call, or `None` when the model is unknown or no tokens are known.
-    pub fn cost(&self, model: &str, input_tokens: Option<i64>, output_tokens: Option<i64>) -> Option<f64> {
+    pub fn cost(
+        &self,
+        model: &str,
+        input_tokens: Option<i64>,
+        output_tokens: Option<i64>,
+    ) -> Option<f64> {
         if input_tokens.is_none() && output_tokens.is_none() {
             return None;
         }

@@ -106,7 +106,8 @@ mod tests {
     fn negative_durations_are_zero() {
         let r = SpanRecord { start_time_ns: 10, end_time_ns: 5, ..Default::default() };
         assert_eq!(r.duration_ms(), 0.0);
-        let r = SpanRecord { start_time_ns: 1_000_000, end_time_ns: 3_500_000, ..Default::default() };
+        let r =
+            SpanRecord { start_time_ns: 1_000_000, end_time_ns: 3_500_000, ..Default::default() };
         assert_eq!(r.duration_ms(), 2.5);
     }
 }

@@ -100,7 +100,10 @@ pub struct SpanStore {
 
 impl SpanStore {
     /// A store over `object_store` holding `files`.
-    pub fn new(object_store: Arc<dyn ObjectStore>, files: impl IntoIterator<Item = Arc<DataFile>>) -> Self {
+    pub fn new(
+        object_store: Arc<dyn ObjectStore>,
+        files: impl IntoIterator<Item = Arc<DataFile>>,
+    ) -> Self {
         let files = files.into_iter().map(|f| (f.path.clone(), f)).collect();
         Self { object_store, state: RwLock::new(State { files, batches: Vec::new() }) }
     }
@@ -126,13 +129,17 @@ impl SpanStore {
             files: s
                 .files
                 .values()
-                .filter(|f| project_ok(&f.project) && scope.time.overlaps(f.min_start_ns, f.max_start_ns))
+                .filter(|f| {
+                    project_ok(&f.project) && scope.time.overlaps(f.min_start_ns, f.max_start_ns)
+                })
                 .cloned()
                 .collect(),
             batches: s
                 .batches
                 .iter()
-                .filter(|b| project_ok(&b.project) && scope.time.overlaps(b.min_start_ns, b.max_start_ns))
+                .filter(|b| {
+                    project_ok(&b.project) && scope.time.overlaps(b.min_start_ns, b.max_start_ns)
+                })
                 .cloned()
                 .collect(),
         }

@@ -9,6 +9,9 @@ where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    #[expect(clippy::disallowed_methods, reason = "the sanctioned spawn site; callers own the handle")]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the sanctioned spawn site; callers own the handle"
+    )]
     tokio::spawn(fut)
 }

@@ -137,8 +137,8 @@ pub fn encode_file(
         .set_column_bloom_filter_max_ndv(trace_id, rows.max(1))
         .build();
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4);
-    let mut writer =
-        ArrowWriter::try_new(&mut buf, Arc::clone(batch.schema_ref()), Some(props)).map_err(parquet_err)?;
+    let mut writer = ArrowWriter::try_new(&mut buf, Arc::clone(batch.schema_ref()), Some(props))
+        .map_err(parquet_err)?;
     writer.write(&batch).map_err(parquet_err)?;
     writer.close().map_err(parquet_err)?;
     let meta = DataFile {

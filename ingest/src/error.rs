@@ -8,7 +8,9 @@ pub enum Error {
     #[error(transparent)]
     Decode(#[from] spanlake_proto::Error),
     /// The HTTP content type is not one OTLP defines.
-    #[error("unsupported content type {content_type:?}; use application/x-protobuf or application/json")]
+    #[error(
+        "unsupported content type {content_type:?}; use application/x-protobuf or application/json"
+    )]
     UnsupportedMediaType {
         /// The content type sent.
         content_type: String,

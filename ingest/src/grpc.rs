@@ -49,7 +49,6 @@ pub fn status_of(e: &Error) -> Status {
     }
 }
 
-
 #[tonic::async_trait]
 impl TraceService for GrpcTraceService {
     async fn export(

@@ -83,7 +83,11 @@ async fn handle(
         headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity");
     let body = match content_encoding.trim().to_ascii_lowercase().as_str() {
         "" | "identity" => body,
-        "gzip" | "x-gzip" => Bytes::from(inflate_capped(flate2::read::MultiGzDecoder::new(&body[..]), "gzip", limit)?),
+        "gzip" | "x-gzip" => Bytes::from(inflate_capped(
+            flate2::read::MultiGzDecoder::new(&body[..]),
+            "gzip",
+            limit,
+        )?),
         "zstd" => {
             let decoder = zstd::stream::read::Decoder::new(&body[..])
                 .map_err(|source| Error::Decompress { encoding: "zstd", source })?;
@@ -93,16 +97,23 @@ async fn handle(
     };
     let resp = service.export_bytes(project, body, encoding).await?;
     Ok(match encoding {
-        Encoding::Protobuf => ([(header::CONTENT_TYPE, PROTOBUF)], resp.encode_to_vec()).into_response(),
-        Encoding::Json => {
-            ([(header::CONTENT_TYPE, JSON)], serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec()))
-                .into_response()
+        Encoding::Protobuf => {
+            ([(header::CONTENT_TYPE, PROTOBUF)], resp.encode_to_vec()).into_response()
         }
+        Encoding::Json => (
+            [(header::CONTENT_TYPE, JSON)],
+            serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec()),
+        )
+            .into_response(),
     })
 }
 
 /// Inflates a compressed body, refusing it as soon as it grows past `limit` bytes.
-fn inflate_capped(decoder: impl std::io::Read, encoding: &'static str, limit: usize) -> Result<Vec<u8>> {
+fn inflate_capped(
+    decoder: impl std::io::Read,
+    encoding: &'static str,
+    limit: usize,
+) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     decoder
         .take(limit as u64 + 1)
@@ -135,9 +146,12 @@ fn error_response(e: &Error, encoding: Encoding) -> Response {
     let (status, code) = status_of(e);
     let body = Status { code, message: e.to_string(), details: vec![] };
     let mut resp = match encoding {
-        Encoding::Protobuf => (status, [(header::CONTENT_TYPE, PROTOBUF)], body.encode_to_vec()).into_response(),
+        Encoding::Protobuf => {
+            (status, [(header::CONTENT_TYPE, PROTOBUF)], body.encode_to_vec()).into_response()
+        }
         Encoding::Json => {
-            (status, [(header::CONTENT_TYPE, JSON)], serde_json::to_vec(&body).unwrap_or_default()).into_response()
+            (status, [(header::CONTENT_TYPE, JSON)], serde_json::to_vec(&body).unwrap_or_default())
+                .into_response()
         }
     };
     if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
@@ -157,9 +171,11 @@ mod tests {
         enc.write_all(&vec![0u8; 10 << 20]).unwrap();
         let bomb = enc.finish().unwrap();
         assert!(bomb.len() < 64 << 10);
-        let err = inflate_capped(flate2::read::MultiGzDecoder::new(&bomb[..]), "gzip", 1 << 20).unwrap_err();
+        let err = inflate_capped(flate2::read::MultiGzDecoder::new(&bomb[..]), "gzip", 1 << 20)
+            .unwrap_err();
         assert_eq!(err.to_string(), "request body larger than 1048576 bytes after decompression");
-        let err = inflate_capped(flate2::read::MultiGzDecoder::new(&bomb[..100]), "gzip", 1 << 30).unwrap_err();
+        let err = inflate_capped(flate2::read::MultiGzDecoder::new(&bomb[..100]), "gzip", 1 << 30)
+            .unwrap_err();
         assert!(err.to_string().starts_with("invalid gzip body"), "{err}");
     }
 }

@@ -208,8 +208,16 @@ mod tests {
             kv("b", V::BoolValue(true)),
             kv("bytes", V::BytesValue(vec![1, 2, 3])),
             kv("nan", V::DoubleValue(f64::NAN)),
-            kv("a", V::ArrayValue(ArrayValue { values: vec![AnyValue { value: Some(V::IntValue(1)) }] })),
-            kv("kv", V::KvlistValue(KeyValueList { values: vec![kv("k", V::StringValue("v".into()))] })),
+            kv(
+                "a",
+                V::ArrayValue(ArrayValue {
+                    values: vec![AnyValue { value: Some(V::IntValue(1)) }],
+                }),
+            ),
+            kv(
+                "kv",
+                V::KvlistValue(KeyValueList { values: vec![kv("k", V::StringValue("v".into()))] }),
+            ),
         ];
         let limits = SpanLimits::default();
         let mut w = JsonWriter::new(&limits);
@@ -228,11 +236,20 @@ mod tests {
     #[test]
     fn limits_cut_and_count() {
         use any_value::Value as V;
-        let limits = SpanLimits { max_attributes: 2, max_value_bytes: 5, max_depth: 1, ..SpanLimits::default() };
+        let limits = SpanLimits {
+            max_attributes: 2,
+            max_value_bytes: 5,
+            max_depth: 1,
+            ..SpanLimits::default()
+        };
         let deep = V::ArrayValue(ArrayValue {
             values: vec![AnyValue { value: Some(V::ArrayValue(ArrayValue { values: vec![] })) }],
         });
-        let attrs = vec![kv("long", V::StringValue("ééééé".into())), kv("deep", deep), kv("gone", V::IntValue(1))];
+        let attrs = vec![
+            kv("long", V::StringValue("ééééé".into())),
+            kv("deep", deep),
+            kv("gone", V::IntValue(1)),
+        ];
         let mut w = JsonWriter::new(&limits);
         let mut out = String::new();
         w.attributes(&mut out, &attrs);

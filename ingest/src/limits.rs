@@ -29,7 +29,11 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        Self { max_request_bytes: 16 << 20, max_decompressed_bytes: 64 << 20, max_spans_per_request: 100_000 }
+        Self {
+            max_request_bytes: 16 << 20,
+            max_decompressed_bytes: 64 << 20,
+            max_spans_per_request: 100_000,
+        }
     }
 }
 

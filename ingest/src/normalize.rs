@@ -68,7 +68,11 @@ pub struct NormalizeContext {
 
 impl Default for NormalizeContext {
     fn default() -> Self {
-        Self { prices: Arc::new(PriceTable::default()), limits: SpanLimits::default(), max_spans: 100_000 }
+        Self {
+            prices: Arc::new(PriceTable::default()),
+            limits: SpanLimits::default(),
+            max_spans: 100_000,
+        }
     }
 }
 
@@ -105,19 +109,31 @@ impl Normalized {
         }
         let c = &self.cuts;
         if c.truncated_values > 0 {
-            parts.push(format!("truncated {} value(s) over the value size limit", c.truncated_values));
+            parts.push(format!(
+                "truncated {} value(s) over the value size limit",
+                c.truncated_values
+            ));
         }
         if c.dropped_attributes > 0 {
-            parts.push(format!("dropped {} attribute(s) over the per-span limit", c.dropped_attributes));
+            parts.push(format!(
+                "dropped {} attribute(s) over the per-span limit",
+                c.dropped_attributes
+            ));
         }
         if c.too_deep > 0 {
             parts.push(format!("replaced {} value(s) nested over the depth limit", c.too_deep));
         }
         if self.dropped_events_links > 0 {
-            parts.push(format!("dropped {} event(s)/link(s) over the per-span limit", self.dropped_events_links));
+            parts.push(format!(
+                "dropped {} event(s)/link(s) over the per-span limit",
+                self.dropped_events_links
+            ));
         }
         if self.bad_end_times > 0 {
-            parts.push(format!("{} span(s) end before they start; their duration is 0", self.bad_end_times));
+            parts.push(format!(
+                "{} span(s) end before they start; their duration is 0",
+                self.bad_end_times
+            ));
         }
         parts.join("; ")
     }
@@ -322,7 +338,9 @@ fn classify(a: &Attrs<'_>) -> &'static str {
     }
     if let Some(op) = a.str(&[K::OPERATION]) {
         match op {
-            "chat" | "text_completion" | "generate_content" | "completion" => return span_type::LLM,
+            "chat" | "text_completion" | "generate_content" | "completion" => {
+                return span_type::LLM;
+            }
             "embeddings" | "embedding" => return span_type::EMBEDDING,
             "execute_tool" => return span_type::TOOL,
             "invoke_agent" | "create_agent" => return span_type::AGENT,
@@ -364,7 +382,8 @@ fn classify(a: &Attrs<'_>) -> &'static str {
 }
 
 fn id<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], String> {
-    let arr: [u8; N] = bytes.try_into().map_err(|_| format!("{what} must be {N} bytes, got {}", bytes.len()))?;
+    let arr: [u8; N] =
+        bytes.try_into().map_err(|_| format!("{what} must be {N} bytes, got {}", bytes.len()))?;
     if arr.iter().all(|b| *b == 0) {
         return Err(format!("{what} is all zeros"));
     }
@@ -380,8 +399,12 @@ struct Scratch {
 }
 
 /// Normalises every span of a request into one batch.
-pub fn normalize(req: &ExportTraceServiceRequest, ctx: &NormalizeContext) -> spanlake_engine::Result<Normalized> {
-    let total: usize = req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum();
+pub fn normalize(
+    req: &ExportTraceServiceRequest,
+    ctx: &NormalizeContext,
+) -> spanlake_engine::Result<Normalized> {
+    let total: usize =
+        req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum();
     let mut builder = SpanBatchBuilder::with_capacity(total.min(ctx.max_spans));
     let mut out = Normalized {
         batch: RecordBatch::new_empty(spanlake_engine::schema::spans_schema()),
@@ -392,7 +415,8 @@ pub fn normalize(req: &ExportTraceServiceRequest, ctx: &NormalizeContext) -> spa
         dropped_events_links: 0,
     };
     let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-    let max_start_ns = now_ns.saturating_add(i64::try_from(ctx.limits.max_future_skew.as_nanos()).unwrap_or(i64::MAX));
+    let max_start_ns = now_ns
+        .saturating_add(i64::try_from(ctx.limits.max_future_skew.as_nanos()).unwrap_or(i64::MAX));
     let mut json = JsonWriter::new(&ctx.limits);
     let mut scratch = Scratch::default();
     let mut seen: HashSet<([u8; 16], [u8; 8])> = HashSet::with_capacity(total.min(ctx.max_spans));
@@ -420,11 +444,18 @@ pub fn normalize(req: &ExportTraceServiceRequest, ctx: &NormalizeContext) -> spa
                 let reject = |out: &mut Normalized, reason: String| {
                     out.rejected += 1;
                     if out.errors.len() < MAX_REPORTED_ERRORS {
-                        out.errors.push(format!("span {:?} ({}): {reason}", span.name, hex_lossy(&span.span_id)));
+                        out.errors.push(format!(
+                            "span {:?} ({}): {reason}",
+                            span.name,
+                            hex_lossy(&span.span_id)
+                        ));
                     }
                 };
                 if taken >= ctx.max_spans {
-                    reject(&mut out, format!("over the limit of {} spans per request", ctx.max_spans));
+                    reject(
+                        &mut out,
+                        format!("over the limit of {} spans per request", ctx.max_spans),
+                    );
                     continue;
                 }
                 let ids = (id::<16>(&span.trace_id, "trace_id"), id::<8>(&span.span_id, "span_id"));
@@ -452,7 +483,10 @@ pub fn normalize(req: &ExportTraceServiceRequest, ctx: &NormalizeContext) -> spa
                     continue;
                 }
                 if start > max_start_ns {
-                    reject(&mut out, format!("starts more than {:?} in the future", ctx.limits.max_future_skew));
+                    reject(
+                        &mut out,
+                        format!("starts more than {:?} in the future", ctx.limits.max_future_skew),
+                    );
                     continue;
                 }
                 if !seen.insert((trace_id, span_id)) {
@@ -465,7 +499,18 @@ pub fn normalize(req: &ExportTraceServiceRequest, ctx: &NormalizeContext) -> spa
                 }
                 taken += 1;
                 let fields = SpanFields { trace_id, span_id, parent_span_id, start, end };
-                append_span(span, fields, service_name, &resource_json, &scope_json, ctx, &mut json, &mut scratch, &mut builder, &mut out);
+                append_span(
+                    span,
+                    fields,
+                    service_name,
+                    &resource_json,
+                    &scope_json,
+                    ctx,
+                    &mut json,
+                    &mut scratch,
+                    &mut builder,
+                    &mut out,
+                );
             }
         }
     }
@@ -517,17 +562,24 @@ fn append_span(
     ]);
     let counts_tokens = matches!(span_type, span_type::LLM | span_type::EMBEDDING);
     let (input_tokens, output_tokens, total_tokens) = if counts_tokens {
-        let input = a.int(&[K::GENAI_INPUT_TOKENS, K::GENAI_PROMPT_TOKENS, K::OI_PROMPT_TOKENS, K::TL_PROMPT_TOKENS]);
+        let input = a.int(&[
+            K::GENAI_INPUT_TOKENS,
+            K::GENAI_PROMPT_TOKENS,
+            K::OI_PROMPT_TOKENS,
+            K::TL_PROMPT_TOKENS,
+        ]);
         let output = a.int(&[
             K::GENAI_OUTPUT_TOKENS,
             K::GENAI_COMPLETION_TOKENS,
             K::OI_COMPLETION_TOKENS,
             K::TL_COMPLETION_TOKENS,
         ]);
-        let total = a.int(&[K::GENAI_TOTAL_TOKENS, K::OI_TOTAL_TOKENS, K::TL_TOTAL_TOKENS]).or(match (input, output) {
-            (None, None) => None,
-            (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
-        });
+        let total = a.int(&[K::GENAI_TOTAL_TOKENS, K::OI_TOTAL_TOKENS, K::TL_TOTAL_TOKENS]).or(
+            match (input, output) {
+                (None, None) => None,
+                (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
+            },
+        );
         (input, output, total)
     } else {
         (None, None, None)
@@ -556,26 +608,40 @@ fn append_span(
             None
         }
     });
-    let session_id = a.str(&[K::SESSION_ID, K::GENAI_CONVERSATION_ID, K::TL_SESSION_ID, K::LANGFUSE_SESSION_ID]);
+    let session_id =
+        a.str(&[K::SESSION_ID, K::GENAI_CONVERSATION_ID, K::TL_SESSION_ID, K::LANGFUSE_SESSION_ID]);
     let user_id = a.str(&[K::USER_ID, K::ENDUSER_ID, K::TL_USER_ID, K::LANGFUSE_USER_ID]);
 
     let input: Option<Cow<'_, str>> = a
         .str(&[K::GENAI_INPUT_MESSAGES])
         .map(Cow::Borrowed)
-        .or_else(|| a.oi_input_messages.then(|| unflatten_messages(&a, "llm.input_messages.")).flatten())
+        .or_else(|| {
+            a.oi_input_messages.then(|| unflatten_messages(&a, "llm.input_messages.")).flatten()
+        })
         .or_else(|| a.tl_prompts.then(|| unflatten_messages(&a, "gen_ai.prompt.")).flatten())
         .or_else(|| event_messages(span, false))
         .or_else(|| {
-            a.str(&[K::INPUT_VALUE, K::TL_ENTITY_INPUT, K::GENAI_TOOL_ARGUMENTS, K::GENAI_PROMPT]).map(Cow::Borrowed)
+            a.str(&[K::INPUT_VALUE, K::TL_ENTITY_INPUT, K::GENAI_TOOL_ARGUMENTS, K::GENAI_PROMPT])
+                .map(Cow::Borrowed)
         });
     let output: Option<Cow<'_, str>> = a
         .str(&[K::GENAI_OUTPUT_MESSAGES])
         .map(Cow::Borrowed)
-        .or_else(|| a.oi_output_messages.then(|| unflatten_messages(&a, "llm.output_messages.")).flatten())
-        .or_else(|| a.tl_completions.then(|| unflatten_messages(&a, "gen_ai.completion.")).flatten())
+        .or_else(|| {
+            a.oi_output_messages.then(|| unflatten_messages(&a, "llm.output_messages.")).flatten()
+        })
+        .or_else(|| {
+            a.tl_completions.then(|| unflatten_messages(&a, "gen_ai.completion.")).flatten()
+        })
         .or_else(|| event_messages(span, true))
         .or_else(|| {
-            a.str(&[K::OUTPUT_VALUE, K::TL_ENTITY_OUTPUT, K::GENAI_TOOL_RESULT, K::GENAI_COMPLETION]).map(Cow::Borrowed)
+            a.str(&[
+                K::OUTPUT_VALUE,
+                K::TL_ENTITY_OUTPUT,
+                K::GENAI_TOOL_RESULT,
+                K::GENAI_COMPLETION,
+            ])
+            .map(Cow::Borrowed)
         });
     let max = ctx.limits.max_value_bytes;
     let (input, cut_in) = limit_value(input, max);
@@ -585,7 +651,8 @@ fn append_span(
     scratch.attributes.clear();
     json.attributes(&mut scratch.attributes, &span.attributes);
     scratch.events.clear();
-    out.dropped_events_links += write_events(&mut scratch.events, span, json, ctx.limits.max_events);
+    out.dropped_events_links +=
+        write_events(&mut scratch.events, span, json, ctx.limits.max_events);
     scratch.links.clear();
     out.dropped_events_links += write_links(&mut scratch.links, span, json, ctx.limits.max_links);
 
@@ -679,10 +746,11 @@ fn any_to_json(v: &AnyValue) -> Value {
         Some(any_value::Value::StringValue(s)) => Value::String(s.clone()),
         Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
         Some(any_value::Value::IntValue(i)) => Value::from(*i),
-        Some(any_value::Value::DoubleValue(d)) => {
-            serde_json::Number::from_f64(*d).map_or_else(|| Value::String(d.to_string()), Value::Number)
+        Some(any_value::Value::DoubleValue(d)) => serde_json::Number::from_f64(*d)
+            .map_or_else(|| Value::String(d.to_string()), Value::Number),
+        Some(any_value::Value::ArrayValue(a)) => {
+            Value::Array(a.values.iter().map(any_to_json).collect())
         }
-        Some(any_value::Value::ArrayValue(a)) => Value::Array(a.values.iter().map(any_to_json).collect()),
         Some(any_value::Value::KvlistValue(kv)) => Value::Object(
             kv.values
                 .iter()
@@ -706,7 +774,7 @@ fn unflatten_messages<'x>(a: &Attrs<'_>, prefix: &str) -> Option<Cow<'x, str>> {
         let Some(path) = kv.key.strip_prefix(prefix) else { continue };
         let Some(value) = kv.value.as_ref() else { continue };
         // Only indexed entries (`0.role`), not e.g. `gen_ai.prompt` itself.
-        if !path.split('.').next().is_some_and(|s| s.parse::<usize>().is_ok()) {
+        if path.split('.').next().is_none_or(|s| s.parse::<usize>().is_err()) {
             continue;
         }
         insert_path(&mut root, path.split('.'), any_to_json(value));
@@ -759,7 +827,9 @@ fn event_messages<'x>(span: &Span, output: bool) -> Option<Cow<'x, str>> {
     let mut messages = Vec::new();
     for e in &span.events {
         let key = if output { "gen_ai.output.messages" } else { "gen_ai.input.messages" };
-        if let Some(s) = e.attributes.iter().find(|kv| kv.key == key).and_then(|kv| as_str(kv.value.as_ref())) {
+        if let Some(s) =
+            e.attributes.iter().find(|kv| kv.key == key).and_then(|kv| as_str(kv.value.as_ref()))
+        {
             return Some(Cow::Owned(s.to_string()));
         }
         let role = match e.name.as_str() {

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use spanlake_engine::Engine;
 use spanlake_engine::metrics::{Counter, Exposition, Histogram};
-use spanlake_proto::collector::{ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse};
+use spanlake_proto::collector::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 
 use crate::error::{Error, Result};
 use crate::limits::RequestLimits;
@@ -35,14 +37,46 @@ pub struct IngestMetrics {
 impl IngestMetrics {
     /// Appends the receivers' metrics to an exposition.
     pub fn render(&self, e: &mut Exposition) {
-        e.counter("spanlake_export_requests_total", "OTLP export requests handled", self.requests.get());
-        e.counter("spanlake_spans_received_total", "Spans received in well-formed requests", self.spans_received.get());
-        e.counter("spanlake_spans_accepted_total", "Spans accepted (durable and visible)", self.spans_accepted.get());
-        e.counter("spanlake_spans_rejected_total", "Spans rejected as invalid", self.spans_rejected.get());
-        e.counter("spanlake_spans_refused_total", "Spans refused under overload (retryable)", self.spans_refused.get());
-        e.counter("spanlake_requests_invalid_total", "Export requests refused as malformed", self.requests_invalid.get());
-        e.counter("spanlake_values_cut_total", "Values truncated or dropped to stay within limits", self.values_cut.get());
-        e.histogram("spanlake_export_duration_seconds", "Time to handle an export request", &self.export_seconds);
+        e.counter(
+            "spanlake_export_requests_total",
+            "OTLP export requests handled",
+            self.requests.get(),
+        );
+        e.counter(
+            "spanlake_spans_received_total",
+            "Spans received in well-formed requests",
+            self.spans_received.get(),
+        );
+        e.counter(
+            "spanlake_spans_accepted_total",
+            "Spans accepted (durable and visible)",
+            self.spans_accepted.get(),
+        );
+        e.counter(
+            "spanlake_spans_rejected_total",
+            "Spans rejected as invalid",
+            self.spans_rejected.get(),
+        );
+        e.counter(
+            "spanlake_spans_refused_total",
+            "Spans refused under overload (retryable)",
+            self.spans_refused.get(),
+        );
+        e.counter(
+            "spanlake_requests_invalid_total",
+            "Export requests refused as malformed",
+            self.requests_invalid.get(),
+        );
+        e.counter(
+            "spanlake_values_cut_total",
+            "Values truncated or dropped to stay within limits",
+            self.values_cut.get(),
+        );
+        e.histogram(
+            "spanlake_export_duration_seconds",
+            "Time to handle an export request",
+            &self.export_seconds,
+        );
     }
 }
 
@@ -91,7 +125,12 @@ impl IngestService {
     }
 
     /// Decodes and exports a request body (already decompressed).
-    pub async fn export_bytes(&self, project: Arc<str>, body: bytes::Bytes, encoding: Encoding) -> Result<ExportTraceServiceResponse> {
+    pub async fn export_bytes(
+        &self,
+        project: Arc<str>,
+        body: bytes::Bytes,
+        encoding: Encoding,
+    ) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
         self.inner.metrics.requests.add(1);
         let inner = Arc::clone(&self.inner);
@@ -115,7 +154,11 @@ impl IngestService {
     }
 
     /// Exports a decoded request.
-    pub async fn export(&self, project: Arc<str>, req: ExportTraceServiceRequest) -> Result<ExportTraceServiceResponse> {
+    pub async fn export(
+        &self,
+        project: Arc<str>,
+        req: ExportTraceServiceRequest,
+    ) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
         self.inner.metrics.requests.add(1);
         let inner = Arc::clone(&self.inner);
@@ -134,7 +177,12 @@ impl IngestService {
         m.spans_received.add(accepted + normalized.rejected);
         m.spans_rejected.add(normalized.rejected);
         let c = normalized.cuts;
-        m.values_cut.add(c.truncated_values + c.dropped_attributes + c.too_deep + normalized.dropped_events_links);
+        m.values_cut.add(
+            c.truncated_values
+                + c.dropped_attributes
+                + c.too_deep
+                + normalized.dropped_events_links,
+        );
         let message = normalized.message();
         if let Err(e) = self.inner.engine.ingest(project, normalized.batch).await {
             m.spans_refused.add(accepted);
@@ -142,10 +190,11 @@ impl IngestService {
         }
         m.spans_accepted.add(accepted);
         m.export_seconds.observe(started.elapsed());
-        let partial_success = (normalized.rejected > 0 || !message.is_empty()).then(|| ExportTracePartialSuccess {
-            rejected_spans: normalized.rejected as i64,
-            error_message: message,
-        });
+        let partial_success =
+            (normalized.rejected > 0 || !message.is_empty()).then_some(ExportTracePartialSuccess {
+                rejected_spans: normalized.rejected as i64,
+                error_message: message,
+            });
         Ok(ExportTraceServiceResponse { partial_success })
     }
 

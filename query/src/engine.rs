@@ -1,17 +1,23 @@
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
-use datafusion::sql::parser::DFParserBuilder;
-use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use spanlake_engine::metrics::{Counter, Exposition, Histogram};
+use spanlake_engine::pricing::PriceTable;
 use spanlake_engine::schema::SPANS_TABLE;
 use spanlake_engine::store::SpanStore;
 
 use crate::error::{Error, Result};
+use crate::functions;
 use crate::provider::{STORE_URL, SpansTable};
 
 /// Settings of the query engine.
@@ -19,11 +25,22 @@ use crate::provider::{STORE_URL, SpansTable};
 pub struct QueryConfig {
     /// Parallelism of one query (DataFusion target partitions).
     pub target_partitions: usize,
+    /// Memory all running queries may use together; past it they spill to disk or fail.
+    pub memory_limit_bytes: usize,
+    /// Directory for spill files (the system temporary directory when unset).
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Longest a query may run.
+    pub timeout: Duration,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
-        Self { target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()) }
+        Self {
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            memory_limit_bytes: 512 << 20,
+            spill_dir: None,
+            timeout: Duration::from_secs(300),
+        }
     }
 }
 
@@ -42,7 +59,11 @@ impl QueryMetrics {
     /// Appends the query metrics to an exposition.
     pub fn render(&self, e: &mut Exposition) {
         e.counter("spanlake_queries_total", "SQL queries run", self.queries.get());
-        e.counter("spanlake_query_errors_total", "SQL queries failed or refused", self.query_errors.get());
+        e.counter(
+            "spanlake_query_errors_total",
+            "SQL queries failed or refused",
+            self.query_errors.get(),
+        );
         e.histogram("spanlake_query_duration_seconds", "SQL query latency", &self.query_seconds);
     }
 }
@@ -54,6 +75,13 @@ pub struct QueryResult {
     pub schema: SchemaRef,
     /// Result rows.
     pub batches: Vec<RecordBatch>,
+}
+
+impl QueryResult {
+    /// Rows in the result.
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
 }
 
 /// One row per trace: the roll-ups that belong to traces, not to spans.
@@ -78,28 +106,73 @@ SELECT
 FROM spans
 GROUP BY trace_id";
 
+/// One row per session: the traces whose spans carry the session id, rolled up whole.
+const SESSIONS_VIEW: &str = "CREATE VIEW sessions AS
+SELECT
+  session_id,
+  count(*) AS traces,
+  sum(span_count) AS span_count,
+  sum(llm_calls) AS llm_calls,
+  sum(tool_calls) AS tool_calls,
+  sum(error_count) AS error_count,
+  sum(input_tokens) AS input_tokens,
+  sum(output_tokens) AS output_tokens,
+  sum(total_tokens) AS total_tokens,
+  sum(cost_usd) AS cost_usd,
+  min(start_time) AS first_time,
+  max(end_time) AS last_time,
+  max(user_id) AS user_id
+FROM traces
+WHERE session_id IS NOT NULL
+GROUP BY session_id";
+
 /// DataFusion over one data location, with spanlake's tables, views and functions.
-#[derive(Debug)]
 pub struct QueryEngine {
     ctx: SessionContext,
     metrics: Arc<QueryMetrics>,
+    config: QueryConfig,
+}
+
+impl std::fmt::Debug for QueryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine").field("session", &self.ctx.session_id()).finish()
+    }
 }
 
 impl QueryEngine {
-    /// A query engine over `store`.
-    pub async fn new(store: Arc<SpanStore>, config: &QueryConfig, metrics: Arc<QueryMetrics>) -> Result<Self> {
+    /// A query engine over `store`, seeing only `project` when one is given.
+    pub async fn new(
+        store: Arc<SpanStore>,
+        project: Option<String>,
+        prices: Arc<PriceTable>,
+        config: &QueryConfig,
+        metrics: Arc<QueryMetrics>,
+    ) -> Result<Self> {
         let session = SessionConfig::new()
             .with_target_partitions(config.target_partitions.max(1))
             .with_information_schema(true)
+            .with_default_catalog_and_schema("datafusion", "public")
             .set_bool("datafusion.execution.parquet.pushdown_filters", true)
-            .set_bool("datafusion.execution.parquet.reorder_filters", true);
-        let mut ctx = SessionContext::new_with_config(session);
+            .set_bool("datafusion.execution.parquet.reorder_filters", true)
+            .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
+        let disk = match &config.spill_dir {
+            Some(dir) => DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
+            None => DiskManagerBuilder::default().with_mode(DiskManagerMode::OsTmpDirectory),
+        };
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(config.memory_limit_bytes)))
+            .with_disk_manager_builder(disk)
+            .build_arc()?;
+        let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         let url = ObjectStoreUrl::parse(STORE_URL)?;
         ctx.register_object_store(url.as_ref(), store.object_store());
-        ctx.register_table(SPANS_TABLE, Arc::new(SpansTable::new(store)))?;
+        ctx.register_table(SPANS_TABLE, Arc::new(SpansTable::new(store, project)))?;
         datafusion_functions_json::register_all(&mut ctx)?;
+        functions::register(&ctx, prices);
         ctx.sql(TRACES_VIEW).await?;
-        Ok(Self { ctx, metrics })
+        ctx.sql(SESSIONS_VIEW).await?;
+        Ok(Self { ctx, metrics, config: config.clone() })
     }
 
     /// The DataFusion context (for frontends that plan themselves).
@@ -108,7 +181,7 @@ impl QueryEngine {
     }
 
     /// The query metrics.
-    pub fn metrics(&self) -> &QueryMetrics {
+    pub fn metrics(&self) -> &Arc<QueryMetrics> {
         &self.metrics
     }
 
@@ -116,7 +189,10 @@ impl QueryEngine {
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
         let started = Instant::now();
         self.metrics.queries.add(1);
-        let result = self.run(sql).await;
+        let result = match tokio::time::timeout(self.config.timeout, self.run(sql)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout { limit: self.config.timeout }),
+        };
         self.metrics.query_seconds.observe(started.elapsed());
         if result.is_err() {
             self.metrics.query_errors.add(1);
@@ -127,7 +203,7 @@ impl QueryEngine {
     async fn run(&self, sql: &str) -> Result<QueryResult> {
         let state = self.ctx.state();
         let mut statements = DFParserBuilder::new(sql)
-            .with_dialect(&GenericDialect {})
+            .with_dialect(&PostgreSqlDialect {})
             .build()?
             .parse_statements()?;
         let statement = match statements.len() {
@@ -135,14 +211,51 @@ impl QueryEngine {
             1 => statements.pop_front().expect("one statement"),
             count => return Err(Error::MultipleStatements { count }),
         };
+        check_read_only(&statement)?;
         let plan = state.statement_to_plan(statement).await?;
         read_only()
             .verify_plan(&plan)
-            .map_err(|source| Error::Forbidden { source })?;
+            .map_err(|source| Error::Forbidden { what: source.strip_backtrace() })?;
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         Ok(QueryResult { schema, batches })
+    }
+}
+
+/// Refuses every statement that is not a query, before planning.
+pub fn check_read_only(statement: &DfStatement) -> Result<()> {
+    let what = match statement {
+        DfStatement::Statement(s) => match s.as_ref() {
+            Statement::Query(_) | Statement::Explain { .. } | Statement::ExplainTable { .. } => {
+                return Ok(());
+            }
+            Statement::ShowTables { .. }
+            | Statement::ShowColumns { .. }
+            | Statement::ShowVariable { .. } => {
+                return Ok(());
+            }
+            other => statement_kind(other),
+        },
+        DfStatement::Explain(_) => return Ok(()),
+        DfStatement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE".to_string(),
+        DfStatement::CopyTo(_) => "COPY".to_string(),
+        DfStatement::Reset(_) => "RESET".to_string(),
+    };
+    Err(Error::Forbidden { what })
+}
+
+fn statement_kind(s: &Statement) -> String {
+    // The statement's own text up to its first clause names it well enough: "DROP TABLE",
+    // "INSERT INTO", "SET TIME ZONE", ...
+    let text = s.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    match words.as_slice() {
+        [first, second] if second.chars().all(|c| c.is_ascii_uppercase()) => {
+            format!("{first} {second}")
+        }
+        [first, ..] => (*first).to_string(),
+        [] => "this statement".to_string(),
     }
 }
 

@@ -6,11 +6,18 @@ use spanlake_engine::ErrorKind;
 #[non_exhaustive]
 pub enum Error {
     /// The statement is not a read query, and only reads are allowed here.
-    #[error("statement not allowed: only read queries (SELECT, WITH, EXPLAIN, SHOW) are accepted ({source})")]
+    #[error(
+        "{what} is not allowed: only read queries (SELECT, WITH, VALUES, EXPLAIN, SHOW) are accepted"
+    )]
     Forbidden {
-        /// DataFusion's description of the refused plan node.
-        #[source]
-        source: DataFusionError,
+        /// What was refused.
+        what: String,
+    },
+    /// The query ran longer than allowed.
+    #[error("query cancelled after the time limit of {limit:?}")]
+    Timeout {
+        /// The limit.
+        limit: std::time::Duration,
     },
     /// The SQL text is empty.
     #[error("empty SQL statement")]
@@ -50,6 +57,7 @@ impl Error {
             Self::Forbidden { .. } | Self::Empty | Self::MultipleStatements { .. } => {
                 ErrorKind::InvalidInput
             }
+            Self::Timeout { .. } => ErrorKind::Overloaded,
             Self::Query { source } => match source.find_root() {
                 DataFusionError::SQL(..)
                 | DataFusionError::Plan(_)

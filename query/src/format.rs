@@ -5,7 +5,10 @@
 //! timestamps as RFC 3339 strings, and any other type in its Arrow display form.
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type,
+    UInt16Type, UInt32Type, UInt64Type,
+};
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use serde_json::{Map, Value};
 
@@ -58,7 +61,8 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>> {
         Format::Arrow => {
             let mut buf = Vec::new();
             {
-                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &result.schema).map_err(enc)?;
+                let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &result.schema)
+                    .map_err(enc)?;
                 for b in &result.batches {
                     w.write(b).map_err(enc)?;
                 }
@@ -68,12 +72,16 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>> {
         }
         Format::Table => {
             if result.batches.is_empty() {
-                return Ok(arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(result.schema.clone())])
-                    .map_err(enc)?
-                    .to_string()
-                    .into_bytes());
+                return Ok(arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(
+                    result.schema.clone(),
+                )])
+                .map_err(enc)?
+                .to_string()
+                .into_bytes());
             }
-            let mut s = arrow::util::pretty::pretty_format_batches(&result.batches).map_err(enc)?.to_string();
+            let mut s = arrow::util::pretty::pretty_format_batches(&result.batches)
+                .map_err(enc)?
+                .to_string();
             s.push('\n');
             Ok(s.into_bytes())
         }
@@ -116,7 +124,9 @@ fn column_values(a: &ArrayRef) -> Result<Vec<Value>> {
     macro_rules! prim {
         ($t:ty) => {{
             let arr = a.as_primitive::<$t>();
-            (0..arr.len()).map(|i| if arr.is_null(i) { Value::Null } else { Value::from(arr.value(i)) }).collect()
+            (0..arr.len())
+                .map(|i| if arr.is_null(i) { Value::Null } else { Value::from(arr.value(i)) })
+                .collect()
         }};
     }
     macro_rules! float {
@@ -127,7 +137,8 @@ fn column_values(a: &ArrayRef) -> Result<Vec<Value>> {
                     if arr.is_null(i) {
                         Value::Null
                     } else {
-                        serde_json::Number::from_f64(f64::from(arr.value(i))).map_or(Value::Null, Value::Number)
+                        serde_json::Number::from_f64(f64::from(arr.value(i)))
+                            .map_or(Value::Null, Value::Number)
                     }
                 })
                 .collect()
@@ -137,7 +148,9 @@ fn column_values(a: &ArrayRef) -> Result<Vec<Value>> {
         DataType::Null => vec![Value::Null; a.len()],
         DataType::Boolean => {
             let arr = a.as_boolean();
-            (0..arr.len()).map(|i| if arr.is_null(i) { Value::Null } else { Value::Bool(arr.value(i)) }).collect()
+            (0..arr.len())
+                .map(|i| if arr.is_null(i) { Value::Null } else { Value::Bool(arr.value(i)) })
+                .collect()
         }
         DataType::Int8 => prim!(Int8Type),
         DataType::Int16 => prim!(Int16Type),
@@ -154,9 +167,12 @@ fn column_values(a: &ArrayRef) -> Result<Vec<Value>> {
         DataType::Utf8View => strings(a.as_string_view().iter()),
         _ => {
             let options = FormatOptions::default().with_null("\u{0}");
-            let fmt = ArrayFormatter::try_new(a.as_ref(), &options).map_err(|source| Error::Encode { source })?;
+            let fmt = ArrayFormatter::try_new(a.as_ref(), &options)
+                .map_err(|source| Error::Encode { source })?;
             (0..a.len())
-                .map(|i| if a.is_null(i) { Value::Null } else { Value::String(fmt.value(i).to_string()) })
+                .map(|i| {
+                    if a.is_null(i) { Value::Null } else { Value::String(fmt.value(i).to_string()) }
+                })
                 .collect()
         }
     })

@@ -5,13 +5,13 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Json;
 use serde::Deserialize;
 use spanlake_engine::ErrorKind;
 
@@ -51,7 +51,10 @@ async fn sql(
     let req = match body {
         Ok(Json(req)) => req,
         Err(rejection) => {
-            let msg = format!("invalid request body: {}; expected {{\"sql\": \"...\"}}", rejection.body_text());
+            let msg = format!(
+                "invalid request body: {}; expected {{\"sql\": \"...\"}}",
+                rejection.body_text()
+            );
             return error_body(StatusCode::BAD_REQUEST, &msg);
         }
     };

@@ -14,8 +14,9 @@
 mod engine;
 mod error;
 pub mod format;
+pub mod functions;
 pub mod http;
 pub mod provider;
 
-pub use engine::{QueryConfig, QueryEngine, QueryMetrics, QueryResult};
+pub use engine::{QueryConfig, QueryEngine, QueryMetrics, QueryResult, check_read_only};
 pub use error::{Error, Result};

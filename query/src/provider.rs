@@ -1,17 +1,17 @@
 //! The `spans` table provider.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::Session;
+use datafusion::catalog::TableProvider;
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
-use datafusion::datasource::provider::TableProvider;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result;
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -21,31 +21,29 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use spanlake_engine::schema::{col, spans_schema};
-use spanlake_engine::store::{SpanStore, TimeRange};
+use spanlake_engine::store::{Scope, SpanStore, TimeRange};
 
 /// The URL under which the data location is registered with DataFusion.
 pub const STORE_URL: &str = "spanlake://data";
 
-/// `spans`: the Parquet files and the unflushed memory batches of a [`SpanStore`].
+/// `spans`: the Parquet files and the unflushed memory batches of a [`SpanStore`], for one
+/// project or for all.
 #[derive(Debug)]
 pub struct SpansTable {
     store: Arc<SpanStore>,
+    project: Option<String>,
     schema: SchemaRef,
 }
 
 impl SpansTable {
-    /// The table over `store`.
-    pub fn new(store: Arc<SpanStore>) -> Self {
-        Self { store, schema: spans_schema() }
+    /// The table over `store`; only `project`'s spans when one is given.
+    pub fn new(store: Arc<SpanStore>, project: Option<String>) -> Self {
+        Self { store, project, schema: spans_schema() }
     }
 }
 
 #[async_trait]
 impl TableProvider for SpansTable {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -54,8 +52,11 @@ impl TableProvider for SpansTable {
         TableType::Base
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
-        // Filters prune files, batches and row groups; DataFusion still applies them to rows.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters prune files, batches, row groups and pages; DataFusion still applies them to rows.
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
@@ -66,12 +67,20 @@ impl TableProvider for SpansTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let range = time_range(filters);
-        let snapshot = self.store.snapshot().pruned(&range);
+        let scope = Scope { project: self.project.clone(), time: time_range(filters) };
+        let snapshot = self.store.snapshot(&scope);
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(2);
 
         if !snapshot.files.is_empty() {
+            let url = ObjectStoreUrl::parse(STORE_URL)?;
+            let object_store = state.runtime_env().object_store(&url)?;
+            let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
             let mut source = ParquetSource::new(Arc::clone(&self.schema))
+                .with_table_parquet_options(state.table_options().parquet.clone())
+                .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
+                    object_store,
+                    metadata_cache,
+                )))
                 .with_enable_page_index(true)
                 .with_bloom_filter_on_read(true);
             if let Some(predicate) = conjunction(filters.iter().cloned()) {
@@ -79,12 +88,18 @@ impl TableProvider for SpansTable {
                 source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
             }
             let partitions = state.config().target_partitions().max(1);
-            let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); partitions.min(snapshot.files.len())];
-            let n_groups = groups.len();
-            for (i, f) in snapshot.files.iter().enumerate() {
-                groups[i % n_groups].push(PartitionedFile::new(f.path.to_string(), f.size));
+            let n_groups = partitions.min(snapshot.files.len());
+            let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n_groups];
+            // Largest files first, each to the group holding the fewest bytes.
+            let mut files = snapshot.files.clone();
+            files.sort_by_key(|f| std::cmp::Reverse(f.size));
+            let mut sizes = vec![0u64; n_groups];
+            for f in files {
+                let i = (0..n_groups).min_by_key(|i| sizes[*i]).unwrap_or(0);
+                sizes[i] += f.size;
+                groups[i].push(PartitionedFile::new(f.path.clone(), f.size));
             }
-            let config = FileScanConfigBuilder::new(ObjectStoreUrl::parse(STORE_URL)?, Arc::new(source))
+            let config = FileScanConfigBuilder::new(url, Arc::new(source))
                 .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
                 .with_projection_indices(projection.cloned())?
                 .with_limit(limit)
@@ -93,7 +108,11 @@ impl TableProvider for SpansTable {
         }
         if !snapshot.batches.is_empty() {
             let batches: Vec<_> = snapshot.batches.iter().map(|b| b.batch.clone()).collect();
-            plans.push(MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&self.schema), projection.cloned())?);
+            plans.push(MemorySourceConfig::try_new_exec(
+                &[batches],
+                Arc::clone(&self.schema),
+                projection.cloned(),
+            )?);
         }
         match plans.len() {
             0 => {
@@ -125,7 +144,12 @@ fn narrow(expr: &Expr, range: &mut TimeRange) {
             narrow(right, range);
         }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-            let (op, ns) = match (is_start_time(left), literal_ns(right), is_start_time(right), literal_ns(left)) {
+            let (op, ns) = match (
+                is_start_time(left),
+                literal_ns(right),
+                is_start_time(right),
+                literal_ns(left),
+            ) {
                 (true, Some(ns), _, _) => (*op, ns),
                 (_, _, true, Some(ns)) => match op.swap() {
                     Some(op) => (op, ns),

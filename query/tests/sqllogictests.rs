@@ -1,1 +1,212 @@
-fn main(){}
+//! Runs the `.slt` files under `tests/slt/` against the query engine.
+//!
+//! Each file gets its own engine over an in-memory object store holding the shared fixtures
+//! (`../shared/fixtures`): the first half of them as committed Parquet files, the rest as
+//! memory batches not yet flushed, so every query also checks that both parts read as one
+//! table. Values print as the Postgres text format would (NULL as `NULL`).
+//!
+//! `cargo test -p spanlake-query --test sqllogictests -- [FILTER] [--complete]`: `--complete`
+//! rewrites the expected output of the selected files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch};
+use arrow::datatypes::DataType;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use async_trait::async_trait;
+use object_store::memory::InMemory;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+use spanlake_engine::catalog::Change;
+use spanlake_engine::layout::HourPartition;
+use spanlake_engine::pricing::PriceTable;
+use spanlake_engine::store::{MemBatch, SpanStore};
+use spanlake_engine::writer::{WriterConfig, encode_file, split_by_partition};
+use spanlake_ingest::normalize::{NormalizeContext, normalize};
+use spanlake_query::{QueryConfig, QueryEngine};
+use sqllogictest::{DBOutput, DefaultColumnType};
+
+fn fixtures_dir() -> PathBuf {
+    std::env::var_os("SPANLAKE_FIXTURES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+        PathBuf::from,
+    )
+}
+
+async fn fixture_store() -> Arc<SpanStore> {
+    let object_store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let store = SpanStore::new(Arc::clone(&object_store), []);
+    let mut names: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .expect("fixtures")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".otlp.pb"))
+        .collect();
+    names.sort();
+    let project: Arc<str> = Arc::from("default");
+    let half = names.len() / 2;
+    for (i, path) in names.iter().enumerate() {
+        let req = spanlake_proto::decode_protobuf(&std::fs::read(path).unwrap()).unwrap();
+        let batch = normalize(&req, &NormalizeContext::default()).unwrap().batch;
+        if i < half {
+            let parts = split_by_partition([(&project, &batch)]).unwrap();
+            let mut change = Change::default();
+            for ((project, hour), batches) in parts {
+                let file =
+                    encode_file(&project, hour, &batches, 0, &WriterConfig::default()).unwrap();
+                let p = object_store::path::Path::from(file.meta.path.as_str());
+                object_store.put(&p, PutPayload::from_bytes(file.bytes)).await.unwrap();
+                change.add.push(file.meta);
+            }
+            store.apply(&change, None);
+        } else {
+            store.push_batches([MemBatch::new(i as u64, Arc::clone(&project), batch, 0)]);
+        }
+    }
+    let _ = HourPartition::of_ns(0);
+    Arc::new(store)
+}
+
+struct Db {
+    engine: QueryEngine,
+}
+
+#[derive(Debug)]
+struct DbError(String);
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DbError {}
+
+fn column_type(t: &DataType) -> DefaultColumnType {
+    match t {
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32
+        | DataType::UInt64 => DefaultColumnType::Integer,
+        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) => {
+            DefaultColumnType::FloatingPoint
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DefaultColumnType::Text,
+        _ => DefaultColumnType::Any,
+    }
+}
+
+fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
+    let options = FormatOptions::default().with_null("NULL");
+    let mut out = Vec::new();
+    for b in batches {
+        let formatters: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for i in 0..b.num_rows() {
+            out.push(
+                formatters
+                    .iter()
+                    .zip(b.columns())
+                    .map(|(f, c)| {
+                        let s = f.value(i).to_string();
+                        if c.is_valid(i) && s.is_empty() { "(empty)".to_string() } else { s }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl sqllogictest::AsyncDB for Db {
+    type Error = DbError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DbError> {
+        let result = self.engine.sql(sql).await.map_err(|e| DbError(e.to_string()))?;
+        let types = result.schema.fields().iter().map(|f| column_type(f.data_type())).collect();
+        Ok(DBOutput::Rows { types, rows: rows(&result.batches) })
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "spanlake"
+    }
+
+    async fn sleep(dur: std::time::Duration) {
+        tokio::time::sleep(dur).await;
+    }
+}
+
+async fn make_db() -> Result<Db, DbError> {
+    let store = fixture_store().await;
+    let engine = QueryEngine::new(
+        store,
+        None,
+        Arc::new(PriceTable::default()),
+        &QueryConfig::default(),
+        Arc::default(),
+    )
+    .await
+    .map_err(|e| DbError(e.to_string()))?;
+    Ok(Db { engine })
+}
+
+fn slt_files(filter: Option<&str>) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/slt")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .filter(|p| filter.is_none_or(|f| p.to_string_lossy().contains(f)))
+        .collect();
+    files.sort();
+    files
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let complete = args.iter().any(|a| a == "--complete");
+    let filter = args.iter().find(|a| !a.starts_with('-')).map(String::as_str);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut failed = 0;
+    let files = slt_files(filter);
+    for file in &files {
+        let result = rt.block_on(async {
+            let mut runner = sqllogictest::Runner::new(make_db);
+            if complete {
+                runner
+                    .update_test_file(
+                        file,
+                        " ",
+                        sqllogictest::default_validator,
+                        sqllogictest::default_normalizer,
+                        sqllogictest::default_column_validator,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                runner.run_file_async(file).await.map_err(|e| e.display(true).to_string())
+            }
+        });
+        match result {
+            Ok(()) => println!("ok   {}", file.display()),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {}\n{e}", file.display());
+            }
+        }
+    }
+    println!("{} file(s), {failed} failed", files.len());
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

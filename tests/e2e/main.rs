@@ -1,1 +1,5 @@
+//! End-to-end tests: the real `spanlake` binary, driven by real clients.
 
+mod basics;
+mod harness;
+mod sdk_export;

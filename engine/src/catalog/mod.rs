@@ -181,9 +181,16 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-async fn get_json<T: for<'de> Deserialize<'de>>(store: &dyn ObjectStore, path: &Path) -> Result<Option<T>> {
+async fn get_json<T: for<'de> Deserialize<'de>>(
+    store: &dyn ObjectStore,
+    path: &Path,
+) -> Result<Option<T>> {
     let bytes = match store.get(path).await {
-        Ok(r) => r.bytes().await.map_err(|source| Error::ObjectStore { op: "get", path: path.clone(), source })?,
+        Ok(r) => r.bytes().await.map_err(|source| Error::ObjectStore {
+            op: "get",
+            path: path.clone(),
+            source,
+        })?,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(source) => return Err(Error::ObjectStore { op: "get", path: path.clone(), source }),
     };
@@ -202,13 +209,15 @@ impl Catalog {
     pub async fn load(store: Arc<dyn ObjectStore>, writer: &str) -> Result<(Self, CatalogState)> {
         let mut state = CatalogState::default();
         if let Some(last) = get_json::<LastCheckpoint>(&*store, &last_checkpoint_path()).await?
-            && let Some(cp) = get_json::<Checkpoint>(&*store, &checkpoint_path(last.version)).await?
+            && let Some(cp) =
+                get_json::<Checkpoint>(&*store, &checkpoint_path(last.version)).await?
         {
             state.version = cp.version;
             state.files = cp.files.into_iter().map(|f| (f.path.clone(), Arc::new(f))).collect();
             state.wal = cp.wal;
         }
-        let catalog = Self { store, writer: writer.to_string(), state: Mutex::new(CatalogState::default()) };
+        let catalog =
+            Self { store, writer: writer.to_string(), state: Mutex::new(CatalogState::default()) };
         catalog.read_forward(&mut state).await?;
         *catalog.state.lock().await = state.clone();
         Ok((catalog, state))
@@ -275,7 +284,11 @@ impl Catalog {
                     return Ok((version, others));
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => {
-                    tracing::debug!(version, attempt, "catalog version taken by another writer; reading it");
+                    tracing::debug!(
+                        version,
+                        attempt,
+                        "catalog version taken by another writer; reading it"
+                    );
                     others.extend(self.read_forward(&mut state).await?);
                 }
                 Err(source) => return Err(Error::ObjectStore { op: "put", path, source }),
@@ -310,7 +323,9 @@ impl Catalog {
             for v in from..=upto {
                 match self.store.delete(&log_path(v)).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => tracing::debug!(version = v, error = %e, "cannot delete old catalog entry"),
+                    Err(e) => {
+                        tracing::debug!(version = v, error = %e, "cannot delete old catalog entry")
+                    }
                 }
             }
         }
@@ -322,12 +337,10 @@ impl Catalog {
     /// paths deleted. This is the only catalog operation that LISTs.
     pub async fn collect_orphans(&self, prefix: &str, grace: Duration) -> Result<Vec<String>> {
         let prefix_path = Path::from(prefix);
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&prefix_path))
-            .try_collect()
-            .await
-            .map_err(|source| Error::ObjectStore { op: "list", path: prefix_path.clone(), source })?;
+        let listed: Vec<_> =
+            self.store.list(Some(&prefix_path)).try_collect().await.map_err(|source| {
+                Error::ObjectStore { op: "list", path: prefix_path.clone(), source }
+            })?;
         let state = self.state.lock().await.clone();
         let cutoff = chrono::Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
         let mut deleted = Vec::new();
@@ -373,15 +386,18 @@ mod tests {
         let (a, _) = Catalog::load(Arc::clone(&store), "a").await.unwrap();
         let (b, _) = Catalog::load(Arc::clone(&store), "b").await.unwrap();
         let wal = Some(WalMark { node: "a".into(), flushed_lsn: 7 });
-        let (v1, others) = a.commit(Change { add: vec![file("f1")], remove: vec![], wal }).await.unwrap();
+        let (v1, others) =
+            a.commit(Change { add: vec![file("f1")], remove: vec![], wal }).await.unwrap();
         assert_eq!((v1, others.len()), (1, 0));
         // b still believes the catalog is empty: its commit takes version 2 after reading 1.
-        let (v2, others) = b.commit(Change { add: vec![file("f2")], ..Default::default() }).await.unwrap();
+        let (v2, others) =
+            b.commit(Change { add: vec![file("f2")], ..Default::default() }).await.unwrap();
         assert_eq!(v2, 2);
         assert_eq!(others[0].add[0].path, "f1");
         // Removing a file the other writer already removed is a conflict.
         a.commit(Change { remove: vec!["f2".into()], ..Default::default() }).await.unwrap();
-        let err = b.commit(Change { remove: vec!["f2".into()], ..Default::default() }).await.unwrap_err();
+        let err =
+            b.commit(Change { remove: vec!["f2".into()], ..Default::default() }).await.unwrap_err();
         assert!(matches!(err, Error::CatalogConflict { .. }), "{err}");
 
         let (_, state) = Catalog::load(store, "c").await.unwrap();

@@ -116,7 +116,9 @@ pub fn read_segment(bytes: &[u8]) -> (Vec<Record>, Tail) {
         // A segment that died before its header was complete holds no record.
         return (records, Tail::Torn { valid_len: 0 });
     }
-    if &bytes[..8] != MAGIC || u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default()) != VERSION {
+    if &bytes[..8] != MAGIC
+        || u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default()) != VERSION
+    {
         return (records, Tail::Corrupt { valid_len: 0, reason: "bad segment header" });
     }
     let mut pos = HEADER_LEN;
@@ -137,7 +139,7 @@ pub fn read_segment(bytes: &[u8]) -> (Vec<Record>, Tail) {
         }
         let len = u32::from_le_bytes(rest[..4].try_into().unwrap_or_default());
         let crc = u32::from_le_bytes(rest[4..8].try_into().unwrap_or_default());
-        if len > MAX_BODY || len < 8 {
+        if !(8..=MAX_BODY).contains(&len) {
             // A zeroed or garbage length: torn if only zeros follow (preallocated tail).
             let tail = if rest.iter().all(|b| *b == 0) {
                 Tail::Torn { valid_len: pos as u64 }
@@ -234,7 +236,10 @@ mod tests {
         bytes[first_end + 20] ^= 0xff;
         let (records, tail) = read_segment(&bytes);
         assert_eq!(records.len(), 1);
-        assert_eq!(tail, Tail::Corrupt { valid_len: first_end as u64, reason: "checksum mismatch" });
+        assert_eq!(
+            tail,
+            Tail::Corrupt { valid_len: first_end as u64, reason: "checksum mismatch" }
+        );
     }
 
     #[test]

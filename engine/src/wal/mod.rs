@@ -135,6 +135,31 @@ fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -
     move |source| Error::WalIo { op, path: path.to_path_buf(), source }
 }
 
+/// Reads the valid records of every segment in `dir` without changing anything (for readers
+/// beside a running server).
+pub fn read_only(dir: &Path) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(records),
+        Err(e) => return Err(io_err("list", dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_err("list", dir))?.path();
+        if path.extension().is_some_and(|e| e == "wal") {
+            match std::fs::read(&path) {
+                Ok(bytes) => records.extend(format::read_segment(&bytes).0),
+                // Deleted by the writer since the listing: its records are in Parquet.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("read", &path)(e)),
+            }
+        }
+    }
+    records.sort_by_key(|r| r.lsn);
+    records.dedup_by_key(|r| r.lsn);
+    Ok(records)
+}
+
 /// Reads every segment in `dir`, cutting off a torn tail and setting aside corrupt segments.
 pub fn recover(dir: &Path) -> Result<Recovered> {
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
@@ -350,7 +375,12 @@ impl Writer {
                 for (i, a) in group.into_iter().enumerate() {
                     let lsn = first_lsn + i as u64;
                     acks.push((a.ack, lsn));
-                    committed.push(Committed { lsn, project: a.project, batch: a.batch, charged: a.charged });
+                    committed.push(Committed {
+                        lsn,
+                        project: a.project,
+                        batch: a.batch,
+                        charged: a.charged,
+                    });
                 }
                 on_commit(committed);
                 for (ack, lsn) in acks {
@@ -363,7 +393,8 @@ impl Writer {
                 let path = self.active.as_ref().map(|(_, s, _)| s.path.clone()).unwrap_or_default();
                 for a in group {
                     let source = std::io::Error::other(e.to_string());
-                    let _ = a.ack.send(Err(Error::WalIo { op: "append", path: path.clone(), source }));
+                    let _ =
+                        a.ack.send(Err(Error::WalIo { op: "append", path: path.clone(), source }));
                 }
             }
         }
@@ -377,9 +408,8 @@ impl Writer {
         }
         let fsync = self.config.durability == Durability::Fsync;
         let Some((file, seg, len)) = &mut self.active else { unreachable!("opened above") };
-        let result = file
-            .write_all(&self.buf)
-            .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
+        let result =
+            file.write_all(&self.buf).and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
                 *len += self.buf.len() as u64;
@@ -463,13 +493,19 @@ mod tests {
 
     fn batch(id: u8) -> RecordBatch {
         let mut b = SpanBatchBuilder::with_capacity(1);
-        b.append(&SpanRecord { trace_id: [id; 16], span_id: [id; 8], attributes: "{}", ..Default::default() });
+        b.append(&SpanRecord {
+            trace_id: [id; 16],
+            span_id: [id; 8],
+            attributes: "{}",
+            ..Default::default()
+        });
         b.finish().unwrap()
     }
 
     fn start(dir: &Path, flushed: u64) -> (Wal, Arc<Mutex<Vec<u64>>>, Vec<u64>) {
         let recovered = recover(dir).unwrap();
-        let replayed: Vec<u64> = recovered.records.iter().map(|r| r.lsn).filter(|l| *l > flushed).collect();
+        let replayed: Vec<u64> =
+            recovered.records.iter().map(|r| r.lsn).filter(|l| *l > flushed).collect();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
         let wal = Wal::start(
@@ -542,7 +578,11 @@ mod tests {
         OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 10).unwrap();
         let (wal, _, replayed) = start(dir.path(), 0);
         assert_eq!(replayed, vec![1]);
-        assert_eq!(append(&wal, 3), 2, "the torn record's LSN is reused: it was never acknowledged");
+        assert_eq!(
+            append(&wal, 3),
+            2,
+            "the torn record's LSN is reused: it was never acknowledged"
+        );
         wal.close();
         let (wal, _, replayed) = start(dir.path(), 0);
         assert_eq!(replayed, vec![1, 2]);

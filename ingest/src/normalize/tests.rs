@@ -34,7 +34,9 @@ fn run(req: &ExportTraceServiceRequest) -> (Normalized, Vec<Map<String, Value>>)
     (n, r)
 }
 
-fn load(name: &str) -> (Vec<Map<String, Value>>, Vec<Map<String, Value>>) {
+type Rows = Vec<Map<String, Value>>;
+
+fn load(name: &str) -> (Rows, Rows) {
     let dir = fixtures_dir();
     let pb = std::fs::read(dir.join(format!("{name}.otlp.pb"))).unwrap();
     let js = std::fs::read(dir.join(format!("{name}.otlp.json"))).unwrap();
@@ -66,7 +68,11 @@ fn fixtures_normalise_to_expected_span_types_and_tokens() {
             let row = find(&rows, id);
             assert_eq!(row["name"], e["name"], "{name} {id}");
             assert_eq!(row["span_type"], e["expected_span_type"], "{name} {id} {}", row["name"]);
-            assert_eq!(row.get("parent_span_id").unwrap_or(&Value::Null), &e["parent_span_id"], "{name} {id}");
+            assert_eq!(
+                row.get("parent_span_id").unwrap_or(&Value::Null),
+                &e["parent_span_id"],
+                "{name} {id}"
+            );
             assert_eq!(row["service_name"], format!("fixture-{name}"));
         }
         // LLM spans in time order carry exactly the usage the test server returned.
@@ -84,7 +90,10 @@ fn fixtures_normalise_to_expected_span_types_and_tokens() {
                 .cost("gpt-4o-mini", u["input_tokens"].as_i64(), u["output_tokens"].as_i64())
                 .unwrap();
             assert_eq!(row["cost_usd"].as_f64(), Some(cost), "{name}");
-            assert!(row.contains_key("input") && row.contains_key("output"), "{name}: llm input/output");
+            assert!(
+                row.contains_key("input") && row.contains_key("output"),
+                "{name}: llm input/output"
+            );
         }
         // Tokens stay on LLM spans only.
         for r in rows.iter().filter(|r| r["span_type"] != "llm") {
@@ -95,7 +104,10 @@ fn fixtures_normalise_to_expected_span_types_and_tokens() {
         for r in rows.iter().filter(|r| r["span_type"] == "tool") {
             assert_eq!(r["tool_name"], "get_weather", "{name}");
         }
-        assert!(rows.iter().any(|r| r.get("session_id") == Some(&json!("session-fixture-1"))), "{name}");
+        assert!(
+            rows.iter().any(|r| r.get("session_id") == Some(&json!("session-fixture-1"))),
+            "{name}"
+        );
         // Every JSON column parses.
         for r in &rows {
             for c in ["attributes", "resource_attributes", "events", "links", "scope"] {
@@ -196,7 +208,10 @@ fn deprecated_genai_names_and_openllmetry_prompts() {
     let row = &rows[0];
     assert_eq!(row["span_type"], "llm");
     assert_eq!(row["provider"], "anthropic");
-    assert_eq!((&row["input_tokens"], &row["output_tokens"], &row["total_tokens"]), (&json!(1000), &json!(500), &json!(1500)));
+    assert_eq!(
+        (&row["input_tokens"], &row["output_tokens"], &row["total_tokens"]),
+        (&json!(1000), &json!(500), &json!(1500))
+    );
     assert_eq!(row["cost_usd"].as_f64(), Some((1000.0 * 3.0 + 500.0 * 15.0) / 1e6));
     assert_eq!(parse(&row["input"]), json!([{"content": "hi", "role": "user"}]));
     assert_eq!(parse(&row["output"]), json!([{"content": "hello", "role": "assistant"}]));
@@ -280,7 +295,10 @@ fn huge_prompts_are_truncated_but_usage_is_kept() {
     let (n, rows) = run(&request(vec![s]));
     let input = rows[0]["input"].as_str().unwrap();
     let limit = SpanLimits::default().max_value_bytes;
-    assert_eq!(input.len(), limit + format!("…[truncated: {limit} of {} bytes]", prompt.len()).len());
+    assert_eq!(
+        input.len(),
+        limit + format!("…[truncated: {limit} of {} bytes]", prompt.len()).len()
+    );
     assert!(input.ends_with(&format!("…[truncated: {limit} of {} bytes]", 300 << 10)));
     assert_eq!(rows[0]["input_tokens"], 70_000);
     assert_eq!(rows[0]["model"], "gpt-4o");

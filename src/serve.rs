@@ -1,0 +1,235 @@
+//! `spanlake serve`: every listener over one storage engine.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use spanlake_engine::metrics::Exposition;
+use spanlake_engine::objstore::{InstrumentedStore, StoreCounters};
+use spanlake_engine::{Engine, task};
+use spanlake_ingest::normalize::NormalizeContext;
+use spanlake_ingest::service::{IngestMetrics, IngestService};
+use spanlake_query::{QueryEngine, QueryMetrics};
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// Shared state of the HTTP handlers that belong to the binary.
+#[derive(Debug, Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    ingest: Arc<IngestMetrics>,
+    query: Arc<QueryMetrics>,
+    store: Arc<StoreCounters>,
+    started: Instant,
+}
+
+/// Opens the data location and the engine.
+pub async fn open_engine(config: &Config) -> anyhow::Result<(Arc<Engine>, Arc<StoreCounters>)> {
+    let url = config.location_url();
+    let inner = spanlake_engine::objstore::open_location(&url, &config.location_options)?;
+    let instrumented = InstrumentedStore::new(inner);
+    let counters = instrumented.counters();
+    let engine = Engine::open(config.engine(), Arc::new(instrumented), Arc::default())
+        .await
+        .with_context(|| format!("cannot open the storage engine at {url}"))?;
+    Ok((engine, counters))
+}
+
+/// Runs until SIGINT or SIGTERM, then flushes everything buffered and returns.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let prices = Arc::new(config.prices()?);
+    let (engine, store_counters) = open_engine(&config).await?;
+    let query_metrics: Arc<QueryMetrics> = Arc::default();
+    let query = Arc::new(
+        QueryEngine::new(
+            Arc::clone(engine.store()),
+            None,
+            Arc::clone(&prices),
+            &config.query(),
+            Arc::clone(&query_metrics),
+        )
+        .await?,
+    );
+    let ingest_metrics: Arc<IngestMetrics> = Arc::default();
+    let context = NormalizeContext {
+        prices,
+        limits: config.span_limits(),
+        max_spans: config.ingest.max_spans_per_request,
+    };
+    let ingest = IngestService::new(
+        Arc::clone(&engine),
+        context,
+        config.request_limits(),
+        Arc::clone(&ingest_metrics),
+    );
+
+    let state = AppState {
+        engine: Arc::clone(&engine),
+        ingest: ingest_metrics,
+        query: query_metrics,
+        store: store_counters,
+        started: Instant::now(),
+    };
+    let app = Router::new()
+        .merge(spanlake_ingest::http::router(ingest.clone()))
+        .merge(spanlake_query::http::router(Arc::clone(&query)))
+        .merge(
+            Router::new()
+                .route("/health", get(health))
+                .route("/metrics", get(metrics))
+                .with_state(state),
+        );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http_listener = tokio::net::TcpListener::bind(config.listen.http)
+        .await
+        .with_context(|| format!("cannot listen on {} (HTTP)", config.listen.http))?;
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen.grpc)
+        .await
+        .with_context(|| format!("cannot listen on {} (gRPC)", config.listen.grpc))?;
+    tracing::info!(
+        http = %http_listener.local_addr()?,
+        grpc = %grpc_listener.local_addr()?,
+        location = %config.location_url(),
+        wal = %config.wal_dir().display(),
+        "spanlake serving"
+    );
+
+    let http = {
+        let mut stop = stop_rx.clone();
+        task::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let grpc = {
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream_listener(grpc_listener);
+        let max = config.request_limits().max_decompressed_bytes;
+        task::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(
+                    spanlake_ingest::grpc::trace_server(ingest).max_decoding_message_size(max),
+                )
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+
+    shutdown_signal().await;
+    tracing::info!("stopping: no new requests; flushing what is buffered");
+    let _ = stop_tx.send(true);
+    let (h, g) = tokio::join!(http, grpc);
+    if let Ok(Err(e)) = h {
+        tracing::warn!(error = %e, "HTTP server stopped with an error");
+    }
+    if let Ok(Err(e)) = g {
+        tracing::warn!(error = %e, "gRPC server stopped with an error");
+    }
+    engine
+        .shutdown()
+        .await
+        .context("flush at shutdown failed; the WAL keeps the data for the next start")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((next, l))
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn health(State(s): State<AppState>) -> impl IntoResponse {
+    let (used, limit) = s.engine.memory();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "node": s.engine.node_id(),
+        "uptime_seconds": s.started.elapsed().as_secs(),
+        "memory_bytes": used,
+        "memory_budget_bytes": limit,
+    }))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut e = Exposition::default();
+    s.ingest.render(&mut e);
+    s.engine.metrics().render(&mut e);
+    s.query.render(&mut e);
+    let (used, limit) = s.engine.memory();
+    e.gauge("spanlake_memory_bytes", "Bytes held by ingest before Parquet", used as i64);
+    e.gauge("spanlake_memory_budget_bytes", "The configured ingest memory budget", limit as i64);
+    let usage = s.engine.store().memory_usage();
+    e.gauge("spanlake_buffer_rows", "Spans in memory, not yet in Parquet", usage.rows as i64);
+    e.gauge(
+        "spanlake_wal_queue_requests",
+        "Requests waiting for the write-ahead log",
+        s.engine.wal_queued() as i64,
+    );
+    e.gauge(
+        "spanlake_data_files",
+        "Committed Parquet data files",
+        s.engine.store().files().len() as i64,
+    );
+    for (op, c) in [
+        ("get", &s.store.get),
+        ("put", &s.store.put),
+        ("head", &s.store.head),
+        ("list", &s.store.list),
+        ("delete", &s.store.delete),
+    ] {
+        e.labeled_counter(
+            "spanlake_object_store_requests_total",
+            "Object store requests",
+            "op",
+            op,
+            c.requests(),
+        );
+        e.labeled_counter(
+            "spanlake_object_store_bytes_total",
+            "Object store bytes moved",
+            "op",
+            op,
+            c.bytes(),
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
+}

@@ -1,0 +1,286 @@
+//! A real `spanlake serve` process on free ports with a temporary data directory, and the
+//! clients the tests use to talk to it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of the repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared fixtures directory.
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("SPANLAKE_FIXTURES")
+        .map_or_else(|| repo_root().join("../shared/fixtures"), PathBuf::from)
+}
+
+/// The Python interpreter of the test virtualenv (see `scripts/test`).
+pub fn python() -> PathBuf {
+    std::env::var_os("SPANLAKE_PYTHON")
+        .map_or_else(|| repo_root().join(".venv/bin/python"), PathBuf::from)
+}
+
+/// Runs a Python snippet with the test virtualenv and returns its stdout; panics with its
+/// stderr when it fails.
+pub fn run_python(code: &str, args: &[&str]) -> String {
+    let out = Command::new(python()).arg("-c").arg(code).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {} (run scripts/test to create it): {e}", python().display())
+    });
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// A free TCP port on localhost.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The spanlake binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_spanlake")
+}
+
+/// A running server.
+pub struct TestServer {
+    child: Option<Child>,
+    /// Data directory (kept across restarts).
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    /// OTLP/HTTP, SQL and API port.
+    pub http_port: u16,
+    /// OTLP/gRPC port.
+    pub grpc_port: u16,
+    extra: Vec<String>,
+    log: PathBuf,
+}
+
+/// How to start a server.
+#[derive(Debug, Default, Clone)]
+pub struct ServerOptions {
+    /// Extra command-line arguments after `serve`.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh temporary data directory.
+    pub fn start() -> Self {
+        Self::start_with(ServerOptions::default())
+    }
+
+    /// Starts a server with extra options.
+    pub fn start_with(options: ServerOptions) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self {
+            child: None,
+            dir: dir.clone(),
+            _tmp: Some(tmp),
+            http_port: free_port(),
+            grpc_port: free_port(),
+            extra: options.args,
+            log: dir.join("server.log"),
+        };
+        s.spawn(&options.env);
+        s
+    }
+
+    fn spawn(&mut self, env: &[(String, String)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--log")
+            .arg("info,spanlake_engine=debug")
+            .arg("serve")
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg("--grpc-listen")
+            .arg(format!("127.0.0.1:{}", self.grpc_port))
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start spanlake"));
+        self.wait_healthy();
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::blocking::Client::new();
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("spanlake exited during start ({status}):\n{}", self.log_text());
+            }
+            if client.get(self.url("/health")).send().is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("spanlake did not become healthy:\n{}", self.log_text());
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// The OTLP/gRPC endpoint.
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Runs SQL through `POST /v1/sql` and returns the JSON answer; panics unless it is 200.
+    pub fn sql(&self, sql: &str) -> Value {
+        let (status, body) = self.sql_status(sql);
+        assert_eq!(status, 200, "{sql}: {body}");
+        body
+    }
+
+    /// The rows of a query.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Value>> {
+        let body = self.sql(sql);
+        serde_json::from_value(body["rows"].clone()).expect("rows")
+    }
+
+    /// The single value of a one-row, one-column query.
+    pub fn scalar(&self, sql: &str) -> Value {
+        let rows = self.rows(sql);
+        assert_eq!(rows.len(), 1, "{sql}: {rows:?}");
+        rows[0][0].clone()
+    }
+
+    /// Runs SQL and returns the status and the JSON body.
+    pub fn sql_status(&self, sql: &str) -> (u16, Value) {
+        let resp = reqwest::blocking::Client::new()
+            .post(self.url("/v1/sql"))
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .expect("POST /v1/sql");
+        let status = resp.status().as_u16();
+        (status, resp.json().expect("JSON body"))
+    }
+
+    /// Posts an OTLP/HTTP body.
+    pub fn post_traces(
+        &self,
+        content_type: &str,
+        body: Vec<u8>,
+        encoding: Option<&str>,
+    ) -> (u16, Vec<u8>) {
+        let mut req = reqwest::blocking::Client::new()
+            .post(self.url("/v1/traces"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        let resp = req.send().expect("POST /v1/traces");
+        let status = resp.status().as_u16();
+        (status, resp.bytes().expect("body").to_vec())
+    }
+
+    /// Stops the server with SIGTERM and waits for it to flush and exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(
+                        status.success(),
+                        "spanlake exited with {status}:\n{}",
+                        self.log_text()
+                    );
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("spanlake did not stop:\n{}", self.log_text());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Kills the server with SIGKILL (no flush, no clean shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the server first");
+        self.spawn(&[]);
+    }
+
+    /// Runs `spanlake <args>` on this server's data directory and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(binary())
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run spanlake");
+        assert!(
+            out.status.success(),
+            "spanlake {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads `/metrics` and returns one metric's value (label-free names or `name{label="x"}`).
+    pub fn metric(&self, name: &str) -> f64 {
+        let text =
+            reqwest::blocking::get(self.url("/metrics")).and_then(|r| r.text()).expect("metrics");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
