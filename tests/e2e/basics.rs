@@ -383,3 +383,93 @@ fn acknowledged_spans_survive_kill_9() {
     assert!(server.metric("spanlake_data_files") >= 1.0);
     assert_eq!(server.metric("spanlake_buffer_rows"), 0.0);
 }
+
+fn span_at(trace: u8, id: u8, start_ns: u64) -> opentelemetry_proto::tonic::trace::v1::Span {
+    opentelemetry_proto::tonic::trace::v1::Span {
+        trace_id: vec![trace; 16],
+        span_id: vec![id; 8],
+        name: format!("s{id}"),
+        start_time_unix_nano: start_ns,
+        end_time_unix_nano: start_ns + 1_000_000,
+        ..Default::default()
+    }
+}
+
+fn request_of(spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+/// A time predicate reads only the files of the hours it covers.
+#[test]
+fn time_predicates_prune_partitions() {
+    let mut server = TestServer::start();
+    // 2026-11-23T20:30Z and 2026-11-23T22:30Z.
+    let h20 = 1_795_465_800_000_000_000u64;
+    let h22 = h20 + 2 * 3_600_000_000_000;
+    let body = request_of(vec![span_at(1, 1, h20), span_at(1, 2, h20 + 1), span_at(2, 3, h22)]);
+    assert_eq!(server.post_traces("application/x-protobuf", body, None).0, 200);
+    server.stop();
+    server.restart();
+    let plan = |sql: &str| -> String {
+        let rows = server.rows(&format!("EXPLAIN {sql}"));
+        rows.iter()
+            .map(|r| r[1].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let all = plan("SELECT count(*) FROM spans");
+    assert!(all.contains("hour=20") && all.contains("hour=22"), "{all}");
+    let q = "SELECT count(*) FROM spans WHERE start_time >= '2026-11-23T22:00:00Z' AND start_time < '2026-11-23T23:00:00Z'";
+    let one = plan(q);
+    assert!(one.contains("hour=22") && !one.contains("hour=20"), "{one}");
+    assert_eq!(server.scalar(q), json!(1));
+    let q = "SELECT count(*) FROM spans WHERE start_time BETWEEN '2026-11-23T20:00:00Z' AND '2026-11-23T21:00:00Z'";
+    assert!(!plan(q).contains("hour=22"));
+    assert_eq!(server.scalar(q), json!(2));
+}
+
+/// Past the memory budget, clients are told to retry (HTTP 429 with Retry-After, gRPC
+/// UNAVAILABLE) and the server keeps serving.
+#[test]
+fn over_the_memory_budget_clients_are_told_to_retry() {
+    let server = TestServer::start_with(crate::harness::ServerOptions {
+        args: vec!["--memory-budget".into(), "1KiB".into()],
+        ..Default::default()
+    });
+    let resp = reqwest::blocking::Client::new()
+        .post(server.url("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .body(fixture("openai-otel-genai", "pb"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let status = spanlake_proto::Status::decode(resp.bytes().unwrap()).unwrap();
+    assert!(
+        status.message.starts_with("ingest buffer full (0 of 1024 bytes in use)"),
+        "{}",
+        status.message
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(async {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let mut client = TraceServiceClient::connect(server.grpc_endpoint()).await.unwrap();
+        let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+            &fixture("openai-otel-genai", "pb")[..],
+        )
+        .unwrap();
+        client.export(req).await.unwrap_err()
+    });
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert_eq!(server.metric("spanlake_spans_refused_total"), 8.0);
+    assert_eq!(server.scalar("SELECT count(*) FROM spans"), json!(0));
+}
