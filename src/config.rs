@@ -82,6 +82,8 @@ pub struct IngestConfig {
     pub max_decompressed_size: ByteSize,
     /// Most spans per request.
     pub max_spans_per_request: usize,
+    /// Requests decoded at once (others wait holding only their body).
+    pub max_concurrent_decodes: usize,
     /// Most attributes per span.
     pub max_attributes_per_span: usize,
     /// Longest string value; longer ones are truncated with a marker.
@@ -104,6 +106,7 @@ impl Default for IngestConfig {
             max_request_size: ByteSize(r.max_request_bytes as u64),
             max_decompressed_size: ByteSize(r.max_decompressed_bytes as u64),
             max_spans_per_request: r.max_spans_per_request,
+            max_concurrent_decodes: r.max_concurrent_decodes,
             max_attributes_per_span: s.max_attributes,
             max_value_size: ByteSize(s.max_value_bytes as u64),
             max_value_depth: s.max_depth,
@@ -321,6 +324,7 @@ impl Config {
             max_request_bytes: self.ingest.max_request_size.0 as usize,
             max_decompressed_bytes: self.ingest.max_decompressed_size.0 as usize,
             max_spans_per_request: self.ingest.max_spans_per_request,
+            max_concurrent_decodes: self.ingest.max_concurrent_decodes,
         }
     }
 

@@ -67,6 +67,10 @@ struct ServeArgs {
     /// Memory ingest may hold before Parquet (e.g. `1GiB`).
     #[arg(long, env = "SPANLAKE_MEMORY_BUDGET")]
     memory_budget: Option<String>,
+    /// Enables `POST /debug/faults`, which makes object store calls fail on purpose (for fault
+    /// tests; never in production).
+    #[arg(long, env = "SPANLAKE_FAULT_INJECTION", hide = true)]
+    fault_injection: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -141,7 +145,21 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             apply_serve_flags(&mut config, &args)?;
-            runtime.block_on(serve::serve(config))
+            // Queries run on their own runtime, so that a heavy query cannot occupy the
+            // threads that answer ingest requests.
+            let mut query_runtime = tokio::runtime::Builder::new_multi_thread();
+            query_runtime.enable_all().thread_name("spanlake-query");
+            if let Some(n) = cli.common.threads {
+                query_runtime.worker_threads(n.max(1));
+            }
+            let query_runtime = query_runtime.build().context("cannot start the query runtime")?;
+            let result = runtime.block_on(serve::serve(
+                config,
+                args.fault_injection,
+                query_runtime.handle().clone(),
+            ));
+            query_runtime.shutdown_background();
+            result
         }
         Command::Sql(args) => runtime.block_on(sql(config, args)),
     }

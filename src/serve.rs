@@ -10,7 +10,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use spanlake_engine::metrics::Exposition;
-use spanlake_engine::objstore::{InstrumentedStore, StoreCounters};
+use spanlake_engine::objstore::{Faults, InstrumentedStore, StoreCounters};
 use spanlake_engine::{Engine, task};
 use spanlake_ingest::normalize::NormalizeContext;
 use spanlake_ingest::service::{IngestMetrics, IngestService};
@@ -30,28 +30,37 @@ struct AppState {
 }
 
 /// Opens the data location and the engine.
-pub async fn open_engine(config: &Config) -> anyhow::Result<(Arc<Engine>, Arc<StoreCounters>)> {
+pub async fn open_engine(
+    config: &Config,
+) -> anyhow::Result<(Arc<Engine>, Arc<StoreCounters>, Arc<Faults>)> {
     let url = config.location_url();
     let inner = spanlake_engine::objstore::open_location(&url, &config.location_options)?;
     let instrumented = InstrumentedStore::new(inner);
     let counters = instrumented.counters();
+    let faults = instrumented.faults();
     let engine = Engine::open(config.engine(), Arc::new(instrumented), Arc::default())
         .await
         .with_context(|| format!("cannot open the storage engine at {url}"))?;
-    Ok((engine, counters))
+    Ok((engine, counters, faults))
 }
 
 /// Runs until SIGINT or SIGTERM, then flushes everything buffered and returns.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    fault_injection: bool,
+    query_runtime: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     let prices = Arc::new(config.prices()?);
-    let (engine, store_counters) = open_engine(&config).await?;
+    let (engine, store_counters, faults) = open_engine(&config).await?;
     let query_metrics: Arc<QueryMetrics> = Arc::default();
+    let mut query_config = config.query();
+    query_config.runtime = Some(query_runtime);
     let query = Arc::new(
         QueryEngine::new(
             Arc::clone(engine.store()),
             None,
             Arc::clone(&prices),
-            &config.query(),
+            &query_config,
             Arc::clone(&query_metrics),
         )
         .await?,
@@ -76,7 +85,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store: store_counters,
         started: Instant::now(),
     };
-    let app = Router::new()
+    let mut app = Router::new()
         .merge(spanlake_ingest::http::router(ingest.clone()))
         .merge(spanlake_query::http::router(Arc::clone(&query)))
         .merge(
@@ -85,6 +94,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .route("/metrics", get(metrics))
                 .with_state(state),
         );
+    if fault_injection {
+        tracing::warn!("fault injection enabled: POST /debug/faults makes object store calls fail");
+        app = app.route("/debug/faults", axum::routing::post(set_faults).with_state(faults));
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_listener = tokio::net::TcpListener::bind(config.listen.http)
@@ -232,4 +245,26 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
+}
+
+/// Body of `POST /debug/faults`: how many of the next calls of each kind fail.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FaultRequest {
+    fail_puts: u64,
+    fail_catalog_puts: u64,
+    fail_gets: u64,
+    fail_deletes: u64,
+}
+
+async fn set_faults(
+    State(f): State<Arc<Faults>>,
+    axum::Json(req): axum::Json<FaultRequest>,
+) -> impl IntoResponse {
+    use std::sync::atomic::Ordering::Release;
+    f.fail_puts.store(req.fail_puts, Release);
+    f.fail_catalog_puts.store(req.fail_catalog_puts, Release);
+    f.fail_gets.store(req.fail_gets, Release);
+    f.fail_deletes.store(req.fail_deletes, Release);
+    axum::Json(serde_json::json!({"ok": true}))
 }

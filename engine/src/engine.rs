@@ -398,6 +398,7 @@ impl Engine {
             }
             self.metrics.files_written.add(1);
             self.metrics.bytes_written.add(size);
+            self.metrics.spans_deduplicated.add(file.duplicates as u64);
             added.push(file.meta);
         }
         let rows: u64 = added.iter().map(|f| f.rows).sum();

@@ -168,3 +168,19 @@ pub async fn on_cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
     let handle = tokio::task::spawn_blocking(f);
     handle.await.map_err(|source| Error::TaskFailed { source })
 }
+
+/// An error and its causes as one line (`what failed: why: why`), for answers to clients and
+/// logs. A cause already quoted in its parent's message is not repeated.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -36,4 +36,4 @@ pub mod wal;
 pub mod writer;
 
 pub use engine::{Engine, EngineConfig};
-pub use error::{Error, ErrorKind, Result, on_cpu};
+pub use error::{Error, ErrorKind, Result, chain, on_cpu};

@@ -127,6 +127,8 @@ pub struct EngineMetrics {
     pub spans_flushed: Counter,
     /// Flushes committed.
     pub flushes: Counter,
+    /// Repeats of a span dropped when flushing.
+    pub spans_deduplicated: Counter,
     /// Parquet files written.
     pub files_written: Counter,
     /// Bytes of Parquet written.
@@ -159,6 +161,11 @@ impl EngineMetrics {
             self.spans_flushed.get(),
         );
         e.counter("spanlake_flushes_total", "Flushes committed", self.flushes.get());
+        e.counter(
+            "spanlake_spans_deduplicated_total",
+            "Repeats of a span dropped when flushing",
+            self.spans_deduplicated.get(),
+        );
         e.counter(
             "spanlake_files_written_total",
             "Parquet files written",

@@ -131,8 +131,10 @@ pub struct StoreCounters {
 /// Failures to inject: the next `n` operations of a kind fail.
 #[derive(Debug, Default)]
 pub struct Faults {
-    /// PUTs (and multipart uploads) to fail.
+    /// PUTs (and multipart uploads) of data files to fail.
     pub fail_puts: AtomicU64,
+    /// PUTs of catalog objects (under `_catalog/`) to fail.
+    pub fail_catalog_puts: AtomicU64,
     /// GETs to fail.
     pub fail_gets: AtomicU64,
     /// DELETEs to fail.
@@ -191,7 +193,12 @@ impl ObjectStore for InstrumentedStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        if Faults::take(&self.faults.fail_puts) {
+        let fault = if location.as_ref().starts_with("_catalog/") {
+            &self.faults.fail_catalog_puts
+        } else {
+            &self.faults.fail_puts
+        };
+        if Faults::take(fault) {
             return Err(injected("put", location));
         }
         self.counters.put.add(payload.content_length() as u64);

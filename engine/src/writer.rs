@@ -47,8 +47,10 @@ impl Default for WriterConfig {
 pub struct EncodedFile {
     /// The Parquet bytes.
     pub bytes: Bytes,
-    /// Its catalog entry (the path is set by the caller's layout).
+    /// Its catalog entry.
     pub meta: DataFile,
+    /// Repeated spans dropped.
+    pub duplicates: usize,
 }
 
 /// The partition key of a file: project and hour.
@@ -88,8 +90,10 @@ fn start_times(batch: &RecordBatch) -> &[i64] {
         .unwrap_or_default()
 }
 
-/// Sorts `batches` by `(trace_id, start_time)` into one batch.
-pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<RecordBatch> {
+/// Sorts `batches` by `(trace_id, start_time, span_id)` into one batch, dropping exact
+/// repeats of a span (same trace id, span id and start time: a client that re-sent a request
+/// whose acknowledgement it lost). Returns the batch and how many repeats were dropped.
+pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)> {
     let arrow_err = |source| Error::Arrow { source };
     let batch = concat_batches(&spans_schema(), batches).map_err(arrow_err)?;
     let column = |name: &str| Arc::clone(batch.column_by_name(name).expect("spans schema column"));
@@ -97,11 +101,30 @@ pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<RecordBatch> {
         &[
             SortColumn { values: column(col::TRACE_ID), options: None },
             SortColumn { values: column(col::START_TIME), options: None },
+            SortColumn { values: column(col::SPAN_ID), options: None },
         ],
         None,
     )
     .map_err(arrow_err)?;
-    take_record_batch(&batch, &order).map_err(arrow_err)
+    let sorted = take_record_batch(&batch, &order).map_err(arrow_err)?;
+    let traces = sorted.column_by_name(col::TRACE_ID).expect("trace_id").as_string::<i32>();
+    let spans = sorted.column_by_name(col::SPAN_ID).expect("span_id").as_string::<i32>();
+    let starts = start_times(&sorted);
+    let keep: Vec<u32> = (0..sorted.num_rows())
+        .filter(|&i| {
+            i == 0
+                || traces.value(i) != traces.value(i - 1)
+                || spans.value(i) != spans.value(i - 1)
+                || starts[i] != starts[i - 1]
+        })
+        .map(|i| i as u32)
+        .collect();
+    let dropped = sorted.num_rows() - keep.len();
+    if dropped == 0 {
+        return Ok((sorted, 0));
+    }
+    let deduped = take_record_batch(&sorted, &UInt32Array::from(keep)).map_err(arrow_err)?;
+    Ok((deduped, dropped))
 }
 
 /// Encodes the rows of one partition as a sorted, zstd-compressed Parquet file.
@@ -114,7 +137,7 @@ pub fn encode_file(
 ) -> Result<EncodedFile> {
     let path = partition.new_file_path(project);
     let parquet_err = |source| Error::Parquet { path: path.clone(), source };
-    let batch = sort_for_storage(batches)?;
+    let (batch, duplicates) = sort_for_storage(batches)?;
     let rows = batch.num_rows() as u64;
     let times = start_times(&batch);
     let min_start_ns = times.iter().copied().min().unwrap_or(0);
@@ -155,5 +178,5 @@ pub fn encode_file(
         level,
         created_ms: chrono::Utc::now().timestamp_millis(),
     };
-    Ok(EncodedFile { bytes: Bytes::from(buf), meta })
+    Ok(EncodedFile { bytes: Bytes::from(buf), meta, duplicates })
 }

@@ -35,7 +35,7 @@ pub fn trace_server(service: IngestService) -> TraceServiceServer<GrpcTraceServi
 
 /// The gRPC status for an ingest error.
 pub fn status_of(e: &Error) -> Status {
-    let msg = e.to_string();
+    let msg = spanlake_engine::chain(e);
     match e {
         Error::Unauthorized { .. } => return Status::unauthenticated(msg),
         Error::BodyTooLarge { .. } => return Status::resource_exhausted(msg),

@@ -144,7 +144,7 @@ fn status_of(e: &Error) -> (StatusCode, i32) {
 
 fn error_response(e: &Error, encoding: Encoding) -> Response {
     let (status, code) = status_of(e);
-    let body = Status { code, message: e.to_string(), details: vec![] };
+    let body = Status { code, message: spanlake_engine::chain(e), details: vec![] };
     let mut resp = match encoding {
         Encoding::Protobuf => {
             (status, [(header::CONTENT_TYPE, PROTOBUF)], body.encode_to_vec()).into_response()

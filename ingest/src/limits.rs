@@ -5,6 +5,7 @@
 //! | `max_request_bytes` | 16 MiB | HTTP 413 / gRPC `RESOURCE_EXHAUSTED`; nothing is read past it |
 //! | `max_decompressed_bytes` | 64 MiB | HTTP 413 / gRPC `RESOURCE_EXHAUSTED`; decompression stops at the cap, so a gzip bomb is never inflated |
 //! | `max_spans_per_request` | 100 000 | the spans past it are rejected (OTLP partial success names the count) |
+//! | `max_concurrent_decodes` | 2 × cores | further requests wait for a slot holding only their body bytes |
 //! | `max_attributes` | 256 per span (and per nested map) | the attributes past it are dropped; the answer carries a warning |
 //! | `max_value_bytes` | 128 KiB | the string is cut on a character boundary and ends with `…[truncated: KEPT of ORIGINAL bytes]`; ids, timing, model and token counts are never cut |
 //! | `max_depth` | 8 | a deeper array or map is replaced by the string `[nesting deeper than N levels]` |
@@ -25,6 +26,8 @@ pub struct RequestLimits {
     pub max_decompressed_bytes: usize,
     /// Most spans one request may carry; those past it are rejected.
     pub max_spans_per_request: usize,
+    /// Requests decoded and normalised at once; others wait with only their body in memory.
+    pub max_concurrent_decodes: usize,
 }
 
 impl Default for RequestLimits {
@@ -33,6 +36,7 @@ impl Default for RequestLimits {
             max_request_bytes: 16 << 20,
             max_decompressed_bytes: 64 << 20,
             max_spans_per_request: 100_000,
+            max_concurrent_decodes: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }

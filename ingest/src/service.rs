@@ -28,6 +28,8 @@ pub struct IngestMetrics {
     pub spans_refused: Counter,
     /// Requests refused as malformed.
     pub requests_invalid: Counter,
+    /// Requests refused before decoding because the memory budget was exhausted.
+    pub requests_refused_early: Counter,
     /// Values truncated, attributes dropped or replaced to stay within the limits.
     pub values_cut: Counter,
     /// Time to handle an export request.
@@ -68,6 +70,11 @@ impl IngestMetrics {
             self.requests_invalid.get(),
         );
         e.counter(
+            "spanlake_requests_refused_early_total",
+            "Export requests refused before decoding (memory budget exhausted)",
+            self.requests_refused_early.get(),
+        );
+        e.counter(
             "spanlake_values_cut_total",
             "Values truncated or dropped to stay within limits",
             self.values_cut.get(),
@@ -86,6 +93,8 @@ struct Inner {
     context: NormalizeContext,
     limits: RequestLimits,
     metrics: Arc<IngestMetrics>,
+    /// Requests being decoded and normalised at once; the rest wait holding only their bytes.
+    decoding: tokio::sync::Semaphore,
 }
 
 /// Normalises export requests and stores their spans through the engine.
@@ -111,7 +120,16 @@ impl IngestService {
         limits: RequestLimits,
         metrics: Arc<IngestMetrics>,
     ) -> Self {
-        Self { inner: Arc::new(Inner { engine, context, limits, metrics }) }
+        let permits = limits.max_concurrent_decodes.max(1);
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                context,
+                limits,
+                metrics,
+                decoding: tokio::sync::Semaphore::new(permits),
+            }),
+        }
     }
 
     /// The request limits in force.
@@ -133,6 +151,14 @@ impl IngestService {
     ) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
         self.inner.metrics.requests.add(1);
+        self.refuse_when_full()?;
+        let _permit = self
+            .inner
+            .decoding
+            .acquire()
+            .await
+            .map_err(|_| spanlake_engine::Error::ShuttingDown)?;
+        self.refuse_when_full()?;
         let inner = Arc::clone(&self.inner);
         let normalized = spanlake_engine::on_cpu(move || -> Result<_> {
             let req = match encoding {
@@ -161,6 +187,13 @@ impl IngestService {
     ) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
         self.inner.metrics.requests.add(1);
+        self.refuse_when_full()?;
+        let _permit = self
+            .inner
+            .decoding
+            .acquire()
+            .await
+            .map_err(|_| spanlake_engine::Error::ShuttingDown)?;
         let inner = Arc::clone(&self.inner);
         let normalized = spanlake_engine::on_cpu(move || normalize(&req, &inner.context)).await??;
         self.store(project, normalized, started).await
@@ -196,6 +229,16 @@ impl IngestService {
                 error_message: message,
             });
         Ok(ExportTraceServiceResponse { partial_success })
+    }
+
+    /// Refuses a request at once, before decoding it, while the memory budget is exhausted.
+    fn refuse_when_full(&self) -> Result<()> {
+        let (used, limit) = self.inner.engine.memory();
+        if used >= limit {
+            self.inner.metrics.requests_refused_early.add(1);
+            return Err(spanlake_engine::Error::BufferFull { used, limit }.into());
+        }
+        Ok(())
     }
 
     /// Counts a malformed request.

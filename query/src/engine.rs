@@ -31,6 +31,9 @@ pub struct QueryConfig {
     pub spill_dir: Option<std::path::PathBuf>,
     /// Longest a query may run.
     pub timeout: Duration,
+    /// The runtime queries execute on; a separate one keeps heavy queries from starving the
+    /// ingest path's threads. The caller's runtime when unset.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for QueryConfig {
@@ -40,6 +43,7 @@ impl Default for QueryConfig {
             memory_limit_bytes: 512 << 20,
             spill_dir: None,
             timeout: Duration::from_secs(300),
+            runtime: None,
         }
     }
 }
@@ -189,9 +193,23 @@ impl QueryEngine {
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
         let started = Instant::now();
         self.metrics.queries.add(1);
-        let result = match tokio::time::timeout(self.config.timeout, self.run(sql)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout { limit: self.config.timeout }),
+        let limit = self.config.timeout;
+        let query = run(self.ctx.clone(), sql.to_string());
+        let timed = async move {
+            tokio::time::timeout(limit, query).await.unwrap_or(Err(Error::Timeout { limit }))
+        };
+        let result = match &self.config.runtime {
+            // The task is aborted when this future is dropped (a client gone away).
+            Some(rt) => {
+                let mut task = AbortOnDrop(rt.spawn(timed));
+                match (&mut task.0).await {
+                    Ok(r) => r,
+                    Err(e) => Err(Error::Query {
+                        source: datafusion::error::DataFusionError::External(Box::new(e)),
+                    }),
+                }
+            }
+            None => timed.await,
         };
         self.metrics.query_seconds.observe(started.elapsed());
         if result.is_err() {
@@ -199,28 +217,37 @@ impl QueryEngine {
         }
         result
     }
+}
 
-    async fn run(&self, sql: &str) -> Result<QueryResult> {
-        let state = self.ctx.state();
-        let mut statements = DFParserBuilder::new(sql)
-            .with_dialect(&PostgreSqlDialect {})
-            .build()?
-            .parse_statements()?;
-        let statement = match statements.len() {
-            0 => return Err(Error::Empty),
-            1 => statements.pop_front().expect("one statement"),
-            count => return Err(Error::MultipleStatements { count }),
-        };
-        check_read_only(&statement)?;
-        let plan = state.statement_to_plan(statement).await?;
-        read_only()
-            .verify_plan(&plan)
-            .map_err(|source| Error::Forbidden { what: source.strip_backtrace() })?;
-        let df = self.ctx.execute_logical_plan(plan).await?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
-        Ok(QueryResult { schema, batches })
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+async fn run(ctx: SessionContext, sql: String) -> Result<QueryResult> {
+    let state = ctx.state();
+    let mut statements = DFParserBuilder::new(sql.as_str())
+        .with_dialect(&PostgreSqlDialect {})
+        .build()?
+        .parse_statements()?;
+    let statement = match statements.len() {
+        0 => return Err(Error::Empty),
+        1 => statements.pop_front().expect("one statement"),
+        count => return Err(Error::MultipleStatements { count }),
+    };
+    check_read_only(&statement)?;
+    let plan = state.statement_to_plan(statement).await?;
+    read_only()
+        .verify_plan(&plan)
+        .map_err(|source| Error::Forbidden { what: source.strip_backtrace() })?;
+    let df = ctx.execute_logical_plan(plan).await?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(QueryResult { schema, batches })
 }
 
 /// Refuses every statement that is not a query, before planning.

@@ -80,7 +80,7 @@ pub fn error_response(e: &Error) -> Response {
     if status == StatusCode::INTERNAL_SERVER_ERROR {
         tracing::error!(error = %e, "query failed");
     }
-    error_body(status, &e.to_string())
+    error_body(status, &spanlake_engine::chain(e))
 }
 
 fn error_body(status: StatusCode, msg: &str) -> Response {

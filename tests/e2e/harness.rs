@@ -260,6 +260,28 @@ impl TestServer {
         String::from_utf8(out.stdout).expect("utf-8")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("server running")
+    }
+
+    /// A line of `/proc/PID/status` in kB (`VmHWM`: peak RSS, `VmRSS`: current).
+    pub fn proc_status_kb(&self, key: &str) -> u64 {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .strip_suffix(" kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{key} not in /proc status"))
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.dir

@@ -1,5 +1,7 @@
 //! End-to-end tests: the real `spanlake` binary, driven by real clients.
 
 mod basics;
+mod crash;
+mod durability;
 mod harness;
 mod sdk_export;
