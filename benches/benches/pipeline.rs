@@ -1,1 +1,77 @@
-fn main() {}
+//! Throughput of each pipeline stage on generated agent traces, next to raw `prost` decode of
+//! the same bytes: OTLP decode + normalisation into Arrow, Parquet encoding, WAL record encoding
+//! and framing.
+//!
+//! `cargo bench -p spanlake-benches --bench pipeline`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message as _;
+use spanlake_benches::{Generator, Mix};
+use spanlake_engine::layout::HourPartition;
+use spanlake_engine::wal::format::{encode_payload, frame_record};
+use spanlake_engine::writer::{WriterConfig, encode_file};
+use spanlake_ingest::normalize::{NormalizeContext, normalize};
+use spanlake_proto::collector::ExportTraceServiceRequest;
+
+fn payload(mix: Mix) -> (Vec<u8>, u64) {
+    let mut g = Generator::new(mix, 7, 1_795_468_500_000_000_000, 60_000_000_000);
+    let reqs = g.requests(5_000, 5_000, "bench");
+    let spans = g.spans();
+    (reqs.into_iter().next().expect("one request"), spans)
+}
+
+fn stages(c: &mut Criterion) {
+    for mix in [Mix::Small, Mix::Llm] {
+        let (bytes, spans) = payload(mix);
+        let name = format!("{mix:?}").to_lowercase();
+        let ctx = NormalizeContext::default();
+        let mut g = c.benchmark_group(format!("decode_{name}"));
+        g.throughput(Throughput::Elements(spans));
+        g.bench_function("prost_only", |b| {
+            b.iter(|| ExportTraceServiceRequest::decode(black_box(&bytes[..])).unwrap())
+        });
+        g.bench_function("decode_and_normalize_to_arrow", |b| {
+            b.iter(|| {
+                let req = ExportTraceServiceRequest::decode(black_box(&bytes[..])).unwrap();
+                normalize(&req, &ctx).unwrap()
+            })
+        });
+        g.finish();
+
+        let batch =
+            normalize(&ExportTraceServiceRequest::decode(&bytes[..]).unwrap(), &ctx).unwrap().batch;
+        let mut g = c.benchmark_group(format!("store_{name}"));
+        g.throughput(Throughput::Elements(spans));
+        g.bench_function("wal_record_encode_and_frame", |b| {
+            let mut out = Vec::new();
+            b.iter(|| {
+                out.clear();
+                let p = encode_payload("default", black_box(&batch)).unwrap();
+                frame_record(1, &p, &mut out);
+                out.len()
+            })
+        });
+        g.bench_function("parquet_encode_zstd3", |b| {
+            b.iter(|| {
+                encode_file(
+                    "default",
+                    HourPartition::of_ns(0),
+                    std::slice::from_ref(black_box(&batch)),
+                    0,
+                    &WriterConfig::default(),
+                )
+                .unwrap()
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3));
+    targets = stages
+}
+criterion_main!(benches);
