@@ -173,8 +173,18 @@ impl Generator {
             );
             c.kind = otlp::span::SpanKind::Client as i32;
             let rows = self.rng.random_range(0..500);
-            c.attributes =
-                vec![s("db.system", "postgresql"), s("db.operation", "SELECT"), i("db.rows", rows)];
+            let shard = self.rng.random_range(0..16);
+            c.attributes = vec![
+                s("db.system", "postgresql"),
+                s("db.operation", "SELECT"),
+                s(
+                    "db.statement",
+                    "SELECT id, status, total FROM orders WHERE customer_id = $1 LIMIT 50",
+                ),
+                s("server.address", format!("orders-db-{shard}.internal")),
+                i("server.port", 5432),
+                i("db.rows", rows),
+            ];
             out.push(c);
         }
         out
