@@ -373,3 +373,85 @@ fn llm_request(trace: u64, prompt: &str) -> Vec<u8> {
         .collect();
     body(spans)
 }
+
+/// A full disk is answered with a retryable 503 naming it, and ingest resumes once space
+/// returns, with every acknowledged span kept. (Mounts a small tmpfs: needs root, as CI is.)
+#[test]
+fn full_disk_is_reported_and_ingest_resumes() {
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mount_point = tmp.path().join("disk");
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&mount_point)
+        .status()
+        .expect("mount");
+    assert!(status.success(), "mounting a tmpfs needs root");
+    let _mount = Mount(mount_point.clone());
+    let server = TestServer::start_with(ServerOptions {
+        args: vec!["--flush-max-age".into(), "1h".into()],
+        data_dir: Some(mount_point.clone()),
+        ..Default::default()
+    });
+    // Leave about 1 MiB free.
+    let free = || {
+        let out = std::process::Command::new("df")
+            .arg("--output=avail")
+            .arg("-B1")
+            .arg(&mount_point)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let filler = mount_point.join("filler");
+    std::fs::write(&filler, vec![1u8; (free() - (1 << 20)) as usize]).unwrap();
+    let prompt = "all work and no play ".repeat(200);
+    let mut acked = 0u64;
+    let mut refused = None;
+    for trace in 1..200u64 {
+        let (status, bytes) =
+            server.post_traces("application/x-protobuf", llm_request_n(trace, &prompt, 50), None);
+        if status == 200 {
+            acked += 50;
+            continue;
+        }
+        refused = Some((status, spanlake_proto::Status::decode(&bytes[..]).unwrap().message));
+        break;
+    }
+    let (status, msg) = refused.expect("the disk never filled up");
+    assert_eq!(status, 503, "{msg}");
+    assert!(
+        msg.starts_with("write-ahead log append failed on")
+            && msg.contains("No space left on device"),
+        "{msg}"
+    );
+    assert!(acked > 0);
+    // Space returns: ingest resumes, nothing acknowledged was lost.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, _) =
+        server.post_traces("application/x-protobuf", llm_request_n(1000, &prompt, 50), None);
+    assert_eq!(status, 200);
+    assert_eq!(server.scalar("SELECT count(*) FROM spans"), json!(acked + 50));
+}
+
+fn llm_request_n(trace: u64, prompt: &str, n: u64) -> Vec<u8> {
+    let spans = (0..n)
+        .map(|i| {
+            let mut s = span(0, 0);
+            s.trace_id = [trace.to_be_bytes(), 9u64.to_be_bytes()].concat();
+            s.span_id = (i + 1).to_be_bytes().to_vec();
+            s.attributes = vec![kv(
+                "gen_ai.input.messages",
+                any_value::Value::StringValue(format!("{trace} {i} {prompt}")),
+            )];
+            s
+        })
+        .collect();
+    body(spans)
+}

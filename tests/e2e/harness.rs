@@ -74,6 +74,8 @@ pub struct ServerOptions {
     pub args: Vec<String>,
     /// Environment variables.
     pub env: Vec<(String, String)>,
+    /// Data directory to use instead of a fresh temporary one.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl TestServer {
@@ -85,7 +87,8 @@ impl TestServer {
     /// Starts a server with extra options.
     pub fn start_with(options: ServerOptions) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let dir = tmp.path().to_path_buf();
+        let dir = options.data_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+        let log = tmp.path().join("server.log");
         let mut s = Self {
             child: None,
             dir: dir.clone(),
@@ -93,7 +96,7 @@ impl TestServer {
             http_port: free_port(),
             grpc_port: free_port(),
             extra: options.args,
-            log: dir.join("server.log"),
+            log,
         };
         s.spawn(&options.env);
         s

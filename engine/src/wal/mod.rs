@@ -391,8 +391,12 @@ impl Writer {
                 self.metrics.wal_errors.add(1);
                 tracing::warn!(error = %e, requests = group.len(), "write-ahead log write failed; requests refused");
                 let path = self.active.as_ref().map(|(_, s, _)| s.path.clone()).unwrap_or_default();
+                let (kind, cause) = match &e {
+                    Error::WalIo { source, .. } => (source.kind(), source.to_string()),
+                    other => (std::io::ErrorKind::Other, other.to_string()),
+                };
                 for a in group {
-                    let source = std::io::Error::other(e.to_string());
+                    let source = std::io::Error::new(kind, cause.clone());
                     let _ =
                         a.ack.send(Err(Error::WalIo { op: "append", path: path.clone(), source }));
                 }
