@@ -158,7 +158,12 @@ impl QueryEngine {
             .with_default_catalog_and_schema("datafusion", "public")
             .set_bool("datafusion.execution.parquet.pushdown_filters", true)
             .set_bool("datafusion.execution.parquet.reorder_filters", true)
-            .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
+            .set_str("datafusion.sql_parser.dialect", "PostgreSQL")
+            // What a sort keeps back for merging its spill files must fit in the pool.
+            .set_usize(
+                "datafusion.execution.sort_spill_reservation_bytes",
+                (config.memory_limit_bytes / 8).clamp(64 << 10, 10 << 20),
+            );
         let disk = match &config.spill_dir {
             Some(dir) => DiskManagerBuilder::default()
                 .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),

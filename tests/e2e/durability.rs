@@ -455,3 +455,47 @@ fn llm_request_n(trace: u64, prompt: &str, n: u64) -> Vec<u8> {
         .collect();
     body(spans)
 }
+
+/// Queries have their own memory limit: a query needing more either spills to disk and answers
+/// correctly or fails with a clear "resources exhausted" answer, and ingest goes on.
+#[test]
+fn queries_over_their_memory_limit_spill_or_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("spanlake.toml");
+    std::fs::write(&config, "version = 1\n[query]\nmemory_limit = \"4MiB\"\n").unwrap();
+    let server = TestServer::start_with(ServerOptions {
+        env: vec![("SPANLAKE_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    });
+    let prompt = "the quick brown fox ".repeat(100);
+    for trace in 1..=20u64 {
+        assert_eq!(
+            server
+                .post_traces("application/x-protobuf", llm_request_n(trace, &prompt, 100), None)
+                .0,
+            200
+        );
+    }
+    let (status, body) = server
+        .sql_status("SELECT trace_id, span_id, input FROM spans ORDER BY input DESC, span_id");
+    match status {
+        200 => assert_eq!(body["row_count"], json!(2000)),
+        429 => {
+            let err = body["error"].as_str().unwrap();
+            assert!(
+                err.contains("Resources exhausted") || err.contains("Not enough memory"),
+                "{err}"
+            );
+        }
+        other => panic!("unexpected answer {other}: {body}"),
+    }
+    // A narrow sort fits: it spills what does not.
+    let (status, body) =
+        server.sql_status("SELECT span_id FROM spans ORDER BY span_id DESC, trace_id");
+    assert_eq!((status, &body["row_count"]), (200, &json!(2000)), "{body}");
+    assert_eq!(
+        server.post_traces("application/x-protobuf", llm_request_n(99, &prompt, 10), None).0,
+        200
+    );
+    assert_eq!(server.scalar("SELECT count(*) FROM spans"), json!(2010));
+}
