@@ -150,15 +150,7 @@ impl IngestService {
         encoding: Encoding,
     ) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
-        self.inner.metrics.requests.add(1);
-        self.refuse_when_full()?;
-        let _permit = self
-            .inner
-            .decoding
-            .acquire()
-            .await
-            .map_err(|_| spanlake_engine::Error::ShuttingDown)?;
-        self.refuse_when_full()?;
+        let _permit = self.admit().await?;
         let inner = Arc::clone(&self.inner);
         let normalized = spanlake_engine::on_cpu(move || -> Result<_> {
             let req = match encoding {
@@ -186,14 +178,7 @@ impl IngestService {
         req: ExportTraceServiceRequest,
     ) -> Result<ExportTraceServiceResponse> {
         let started = Instant::now();
-        self.inner.metrics.requests.add(1);
-        self.refuse_when_full()?;
-        let _permit = self
-            .inner
-            .decoding
-            .acquire()
-            .await
-            .map_err(|_| spanlake_engine::Error::ShuttingDown)?;
+        let _permit = self.admit().await?;
         let inner = Arc::clone(&self.inner);
         let normalized = spanlake_engine::on_cpu(move || normalize(&req, &inner.context)).await??;
         self.store(project, normalized, started).await
@@ -229,6 +214,21 @@ impl IngestService {
                 error_message: message,
             });
         Ok(ExportTraceServiceResponse { partial_success })
+    }
+
+    /// Counts a request and waits for a decoding slot; refuses it at once, before any decoding,
+    /// while the memory budget is exhausted (also after the wait).
+    async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.inner.metrics.requests.add(1);
+        self.refuse_when_full()?;
+        let permit = self
+            .inner
+            .decoding
+            .acquire()
+            .await
+            .map_err(|_| spanlake_engine::Error::ShuttingDown)?;
+        self.refuse_when_full()?;
+        Ok(permit)
     }
 
     /// Refuses a request at once, before decoding it, while the memory budget is exhausted.
