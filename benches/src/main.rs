@@ -64,6 +64,9 @@ enum Cmd {
         /// Extra arguments for `spanlake serve`.
         #[arg(long, allow_hyphen_values = true)]
         server_args: Vec<String>,
+        /// Keep the data in this directory (for the query benchmark) instead of a temporary one.
+        #[arg(long)]
+        keep_data: Option<PathBuf>,
     },
 }
 
@@ -89,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             server,
             server_args,
+            keep_data,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(ingest(IngestArgs {
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
                 server,
                 server_args,
+                keep_data,
             }))
         }
     }
@@ -120,6 +125,7 @@ struct IngestArgs {
     seed: u64,
     server: PathBuf,
     server_args: Vec<String>,
+    keep_data: Option<PathBuf>,
 }
 
 /// CPU time (user + system) of a process in seconds, from `/proc/PID/stat`.
@@ -252,7 +258,13 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     std::hint::black_box(decoded);
 
     // Server.
-    let dir = tempdir()?;
+    let dir = match &a.keep_data {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tempdir()?,
+    };
     let http_port = free_port()?;
     let grpc_port = free_port()?;
     let mut child = std::process::Command::new(&a.server)
@@ -438,7 +450,9 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         "ratio_ingest_to_prost_decode": (acked as f64 / wall) / (total_spans as f64 / decode_secs),
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
-    let _ = std::fs::remove_dir_all(&dir);
+    if a.keep_data.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
