@@ -18,7 +18,6 @@ use async_trait::async_trait;
 use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use spanlake_engine::catalog::Change;
-use spanlake_engine::layout::HourPartition;
 use spanlake_engine::pricing::PriceTable;
 use spanlake_engine::store::{MemBatch, SpanStore};
 use spanlake_engine::writer::{WriterConfig, encode_file, split_by_partition};
@@ -62,7 +61,6 @@ async fn fixture_store() -> Arc<SpanStore> {
             store.push_batches([MemBatch::new(i as u64, Arc::clone(&project), batch, 0)]);
         }
     }
-    let _ = HourPartition::of_ns(0);
     Arc::new(store)
 }
 
