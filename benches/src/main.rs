@@ -42,32 +42,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// Runs the ingest benchmark against a fresh server.
-    Ingest {
-        #[arg(long, default_value = "small")]
-        mix: Mix,
-        /// Spans to send.
-        #[arg(long, default_value_t = 1_000_000)]
-        spans: u64,
-        #[arg(long, default_value_t = 1000)]
-        spans_per_request: usize,
-        /// Concurrent connections.
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
-        /// grpc or http.
-        #[arg(long, default_value = "http")]
-        protocol: String,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// The spanlake binary to start.
-        #[arg(long, default_value = "target/release/spanlake")]
-        server: PathBuf,
-        /// Extra arguments for `spanlake serve`.
-        #[arg(long, allow_hyphen_values = true)]
-        server_args: Vec<String>,
-        /// Keep the data in this directory (for the query benchmark) instead of a temporary one.
-        #[arg(long)]
-        keep_data: Option<PathBuf>,
-    },
+    Ingest(IngestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,29 +58,9 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} spans to {}", g.spans(), out.display());
             Ok(())
         }
-        Cmd::Ingest {
-            mix,
-            spans,
-            spans_per_request,
-            connections,
-            protocol,
-            seed,
-            server,
-            server_args,
-            keep_data,
-        } => {
+        Cmd::Ingest(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(ingest(IngestArgs {
-                mix,
-                spans,
-                spans_per_request,
-                connections,
-                protocol,
-                seed,
-                server,
-                server_args,
-                keep_data,
-            }))
+            rt.block_on(ingest(args))
         }
     }
 }
@@ -116,15 +71,31 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+#[derive(Debug, clap::Args)]
 struct IngestArgs {
+    #[arg(long, default_value = "small")]
     mix: Mix,
+    /// Spans to send.
+    #[arg(long, default_value_t = 1_000_000)]
     spans: u64,
+    #[arg(long, default_value_t = 1000)]
     spans_per_request: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// grpc or http.
+    #[arg(long, default_value = "http")]
     protocol: String,
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The spanlake binary to start.
+    #[arg(long, default_value = "target/release/spanlake")]
     server: PathBuf,
+    /// Extra arguments for `spanlake serve`.
+    #[arg(long, allow_hyphen_values = true)]
     server_args: Vec<String>,
+    /// Keep the data in this directory (for the query benchmark) instead of a temporary one.
+    #[arg(long)]
     keep_data: Option<PathBuf>,
 }
 

@@ -322,7 +322,9 @@ impl Engine {
         };
         match result {
             Ok(lsn) => {
-                if self.store.memory_usage().bytes >= self.config.flush_max_bytes {
+                // The budget's counter (queued and in memory) is O(1); summing the memory
+                // table's batches here would cost a lock and a scan per request.
+                if self.budget.used() >= self.config.flush_max_bytes {
                     self.flush_now.notify_one();
                 }
                 Ok(lsn)
