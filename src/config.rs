@@ -31,6 +31,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// Storage engine settings.
     pub storage: StorageConfig,
+    /// Compaction of small files.
+    pub compaction: CompactionSettings,
     /// Query engine settings.
     pub query: QuerySettings,
     /// Model prices for `cost_usd`.
@@ -47,6 +49,7 @@ impl Default for Config {
             listen: ListenConfig::default(),
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
+            compaction: CompactionSettings::default(),
             query: QuerySettings::default(),
             pricing: PricingConfig::default(),
         }
@@ -140,6 +143,14 @@ pub struct StorageConfig {
     pub row_group_rows: usize,
     /// How often to look for catalog commits of other nodes.
     pub catalog_refresh: HumanDuration,
+    /// Spans older than this are removed, a whole hour partition at a time (e.g. `"30d"`).
+    /// Unset keeps everything.
+    pub retention: Option<HumanDuration>,
+    /// Files replaced by compaction, retention or deletion are deleted this long after the
+    /// catalog commit, so that queries already reading them finish.
+    pub file_delete_delay: HumanDuration,
+    /// Objects no catalog version references (left by a crash) are deleted once this old.
+    pub orphan_grace: HumanDuration,
 }
 
 impl Default for StorageConfig {
@@ -155,6 +166,39 @@ impl Default for StorageConfig {
             zstd_level: e.writer.zstd_level,
             row_group_rows: e.writer.row_group_rows,
             catalog_refresh: HumanDuration(e.catalog_refresh),
+            retention: e.maintenance.retention.map(HumanDuration),
+            file_delete_delay: HumanDuration(e.maintenance.file_delete_delay),
+            orphan_grace: HumanDuration(e.orphan_grace),
+        }
+    }
+}
+
+/// Compaction settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionSettings {
+    /// Whether small files are merged in the background.
+    pub enabled: bool,
+    /// How often compaction and retention look for work.
+    pub interval: HumanDuration,
+    /// Small files in the current hour's partition that trigger compaction (older partitions
+    /// are compacted as soon as they have two).
+    pub min_files: usize,
+    /// Size of the files compaction writes.
+    pub target_file_size: ByteSize,
+    /// Memory one compaction job may use for its decoded input.
+    pub max_input_memory: ByteSize,
+}
+
+impl Default for CompactionSettings {
+    fn default() -> Self {
+        let m = spanlake_engine::compaction::MaintenanceConfig::default();
+        Self {
+            enabled: m.compaction,
+            interval: HumanDuration(m.interval),
+            min_files: m.min_files,
+            target_file_size: ByteSize(m.target_file_bytes),
+            max_input_memory: ByteSize(m.max_input_bytes),
         }
     }
 }
@@ -301,6 +345,19 @@ impl Config {
         e.writer.zstd_level = s.zstd_level;
         e.writer.row_group_rows = s.row_group_rows;
         e.catalog_refresh = s.catalog_refresh.0;
+        e.orphan_grace = s.orphan_grace.0;
+        let c = &self.compaction;
+        e.maintenance = spanlake_engine::compaction::MaintenanceConfig {
+            compaction: c.enabled,
+            interval: c.interval.0,
+            min_files: c.min_files,
+            target_file_bytes: c.target_file_size.0,
+            max_input_bytes: c.max_input_memory.0,
+            retention: s.retention.map(|r| r.0),
+            file_delete_delay: s.file_delete_delay.0,
+            // As often as orphans can become collectable, at most hourly.
+            orphan_interval: s.orphan_grace.0.max(c.interval.0).min(e.maintenance.orphan_interval),
+        };
         e
     }
 

@@ -48,6 +48,33 @@ enum Command {
     Serve(ServeArgs),
     /// Run one SQL query over a data directory and print the result.
     Sql(SqlArgs),
+    /// Print one trace, found by id alone, as an indented tree with durations, tokens and cost.
+    Trace(TraceArgs),
+    /// Delete every span matching a SQL condition (e.g. a user's, for an erasure request),
+    /// through a running server.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// The trace id (32 hex digits).
+    trace_id: String,
+    /// Print the tree as JSON (the shape of `GET /v1/traces/{id}`).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    /// SQL condition over the `spans` columns, e.g. "user_id = 'u-42'".
+    #[arg(long = "where")]
+    predicate: String,
+    /// Only this project's spans.
+    #[arg(long)]
+    project: Option<String>,
+    /// The server (defaults to the configured HTTP listen address).
+    #[arg(long)]
+    url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -162,19 +189,60 @@ fn main() -> anyhow::Result<()> {
             result
         }
         Command::Sql(args) => runtime.block_on(sql(config, args)),
+        Command::Trace(args) => runtime.block_on(trace(config, args)),
+        Command::Delete(args) => runtime.block_on(delete(config, args)),
     }
 }
 
-async fn sql(config: Config, args: SqlArgs) -> anyhow::Result<()> {
+async fn local_query_engine(config: &Config) -> anyhow::Result<spanlake_query::QueryEngine> {
     let url = config.location_url();
     let location = spanlake_engine::objstore::open_location(&url, &config.location_options)?;
     let store = spanlake_engine::engine::open_snapshot(&config.wal_dir(), location)
         .await
         .with_context(|| format!("cannot read {url}"))?;
     let prices = Arc::new(config.prices()?);
-    let engine =
-        spanlake_query::QueryEngine::new(store, None, prices, &config.query(), Arc::default())
-            .await?;
+    Ok(spanlake_query::QueryEngine::new(store, None, prices, &config.query(), Arc::default())
+        .await?)
+}
+
+async fn trace(config: Config, args: TraceArgs) -> anyhow::Result<()> {
+    let engine = local_query_engine(&config).await?;
+    let Some(tree) = spanlake_query::trace::trace_tree(&engine, &args.trace_id).await? else {
+        anyhow::bail!("trace {} not found", args.trace_id.to_ascii_lowercase());
+    };
+    let text = if args.json {
+        serde_json::to_string_pretty(&tree)? + "\n"
+    } else {
+        spanlake_query::trace::render_text(&tree)
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+async fn delete(config: Config, args: DeleteArgs) -> anyhow::Result<()> {
+    let base = args.url.unwrap_or_else(|| format!("http://{}", config.listen.http));
+    let url = format!("{}/v1/admin/delete", base.trim_end_matches('/'));
+    let body = serde_json::json!({"where": args.predicate, "project": args.project});
+    let response = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", answer["error"].as_str().unwrap_or("no details"));
+    }
+    println!(
+        "deleted {} spans, rewrote {} of {} files",
+        answer["deleted_spans"], answer["files_rewritten"], answer["files_scanned"]
+    );
+    Ok(())
+}
+
+async fn sql(config: Config, args: SqlArgs) -> anyhow::Result<()> {
+    let engine = local_query_engine(&config).await?;
     let result = engine.sql(&args.query).await?;
     let format = match args.format {
         OutputFormat::Table => spanlake_query::format::Format::Table,

@@ -88,6 +88,7 @@ pub async fn serve(
     let mut app = Router::new()
         .merge(spanlake_ingest::http::router(ingest.clone()))
         .merge(spanlake_query::http::router(Arc::clone(&query)))
+        .merge(spanlake_query::http::admin_router(Arc::clone(&query), Arc::clone(&engine)))
         .merge(
             Router::new()
                 .route("/health", get(health))
@@ -217,6 +218,13 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "Requests waiting for the write-ahead log",
         s.engine.wal_queued() as i64,
     );
+    let (filters, filter_bytes) = s.engine.store().trace_index().stats();
+    e.gauge(
+        "spanlake_trace_index_files",
+        "Data files whose trace filter is loaded",
+        filters as i64,
+    );
+    e.gauge("spanlake_trace_index_bytes", "Memory held by trace filters", filter_bytes as i64);
     e.gauge(
         "spanlake_data_files",
         "Committed Parquet data files",
@@ -255,16 +263,31 @@ struct FaultRequest {
     fail_catalog_puts: u64,
     fail_gets: u64,
     fail_deletes: u64,
+    /// Abort the process at this step of a commit (`flush_before_commit`, ...; see
+    /// `spanlake_engine::crash`).
+    crash_at: Option<String>,
 }
 
 async fn set_faults(
     State(f): State<Arc<Faults>>,
     axum::Json(req): axum::Json<FaultRequest>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     use std::sync::atomic::Ordering::Release;
+    let crash = match req.crash_at.as_deref().map(spanlake_engine::crash::CrashPoint::parse) {
+        None => None,
+        Some(Some(p)) => Some(p),
+        Some(None) => {
+            return (
+                axum::http::StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "unknown crash point"})),
+            )
+                .into_response();
+        }
+    };
+    spanlake_engine::crash::arm(crash);
     f.fail_puts.store(req.fail_puts, Release);
     f.fail_catalog_puts.store(req.fail_catalog_puts, Release);
     f.fail_gets.store(req.fail_gets, Release);
     f.fail_deletes.store(req.fail_deletes, Release);
-    axum::Json(serde_json::json!({"ok": true}))
+    axum::Json(serde_json::json!({"ok": true})).into_response()
 }

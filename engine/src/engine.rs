@@ -27,14 +27,17 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use tokio::sync::{Mutex, Notify};
 
 use crate::budget::MemoryBudget;
-use crate::catalog::{Catalog, Change, WalMark};
+use crate::catalog::{Catalog, Change, DataFile, WalMark};
+use crate::compaction::MaintenanceConfig;
+use crate::crash::{self, CrashPoint};
 use crate::error::{Error, Result, on_cpu};
 use crate::layout::SPANS_PREFIX;
 use crate::metrics::EngineMetrics;
 use crate::schema::spans_schema;
 use crate::store::{MemBatch, SpanStore};
+use crate::trace_index::{self, TraceFilter};
 use crate::wal::{self, Committed, Durability, Wal, WalConfig};
-use crate::writer::{WriterConfig, encode_file, split_by_partition};
+use crate::writer::{EncodedFile, WriterConfig, encode_file, split_by_partition};
 
 /// Settings of the storage engine.
 #[derive(Debug, Clone)]
@@ -59,6 +62,8 @@ pub struct EngineConfig {
     pub catalog_refresh: Duration,
     /// Unreferenced data files younger than this are left alone by orphan collection.
     pub orphan_grace: Duration,
+    /// Compaction, retention and the deletion of files that left the catalog.
+    pub maintenance: MaintenanceConfig,
 }
 
 impl EngineConfig {
@@ -75,6 +80,7 @@ impl EngineConfig {
             writer: WriterConfig::default(),
             catalog_refresh: Duration::from_secs(5),
             orphan_grace: Duration::from_secs(3600),
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -82,14 +88,18 @@ impl EngineConfig {
 /// The running storage engine.
 #[derive(Debug)]
 pub struct Engine {
-    store: Arc<SpanStore>,
-    catalog: Catalog,
+    pub(crate) store: Arc<SpanStore>,
+    pub(crate) catalog: Catalog,
     wal: Wal,
     budget: Arc<MemoryBudget>,
-    metrics: Arc<EngineMetrics>,
+    pub(crate) metrics: Arc<EngineMetrics>,
     node_id: String,
-    config: EngineConfig,
+    pub(crate) config: EngineConfig,
     flush_lock: Mutex<()>,
+    /// Serialises the jobs that remove committed files (compaction, retention, deletion).
+    pub(crate) maintenance_lock: Mutex<()>,
+    /// Files out of the catalog, deleted once readers that may still hold them are done.
+    pub(crate) pending_deletes: std::sync::Mutex<Vec<(Instant, Vec<String>)>>,
     flush_now: Notify,
     closing: AtomicBool,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -250,6 +260,8 @@ impl Engine {
             node_id,
             config,
             flush_lock: Mutex::new(()),
+            maintenance_lock: Mutex::new(()),
+            pending_deletes: std::sync::Mutex::new(Vec::new()),
             flush_now: Notify::new(),
             closing: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -257,11 +269,17 @@ impl Engine {
         });
         let flusher = crate::task::spawn(Arc::clone(&engine).run_flusher());
         let refresher = crate::task::spawn(Arc::clone(&engine).run_refresher());
-        engine
-            .tasks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend([flusher, refresher]);
+        let maintainer = crate::task::spawn(Arc::clone(&engine).run_maintenance());
+        let index_loader = crate::task::spawn({
+            let engine = Arc::clone(&engine);
+            async move { engine.load_trace_filters().await }
+        });
+        engine.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend([
+            flusher,
+            refresher,
+            maintainer,
+            index_loader,
+        ]);
         Ok(engine)
     }
 
@@ -367,6 +385,9 @@ impl Engine {
                     for c in &changes {
                         self.store.apply(c, None);
                     }
+                    if changes.iter().any(|c| !c.add.is_empty()) {
+                        self.load_trace_filters().await;
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "catalog refresh failed"),
             }
@@ -388,47 +409,33 @@ impl Engine {
         })
         .await??;
 
-        let object_store = self.store.object_store();
-        let mut added = Vec::with_capacity(encoded.len());
-        for file in encoded {
-            let path = Path::from(file.meta.path.as_str());
-            let size = file.bytes.len() as u64;
-            if let Err(source) = object_store.put(&path, PutPayload::from_bytes(file.bytes)).await {
-                self.metrics.flush_errors.add(1);
-                self.discard(&added).await;
-                return Err(Error::ObjectStore { op: "put", path, source });
-            }
-            self.metrics.files_written.add(1);
-            self.metrics.bytes_written.add(size);
-            self.metrics.spans_deduplicated.add(file.duplicates as u64);
-            added.push(file.meta);
-        }
-        let rows: u64 = added.iter().map(|f| f.rows).sum();
-        let change = Change {
-            add: added,
-            remove: Vec::new(),
-            wal: Some(WalMark { node: self.node_id.clone(), flushed_lsn: max_lsn }),
-        };
-        let others = match self.catalog.commit(change.clone()).await {
-            Ok((_, others)) => others,
+        let duplicates: usize = encoded.iter().map(|f| f.duplicates).sum();
+        let published = match self.publish(encoded).await {
+            Ok(p) => p,
             Err(e) => {
-                // The put may have succeeded although its answer was lost: look before discarding.
-                if let Ok(changes) = self.catalog.refresh().await {
-                    for c in &changes {
-                        self.store.apply(c, None);
-                    }
-                }
-                if !self.committed(&change.add[0].path).await {
-                    self.metrics.flush_errors.add(1);
-                    self.discard(&change.add).await;
-                    return Err(e);
-                }
-                Vec::new()
+                self.metrics.flush_errors.add(1);
+                return Err(e);
             }
         };
-        for o in &others {
-            self.store.apply(o, None);
-        }
+        self.metrics.spans_deduplicated.add(duplicates as u64);
+        let rows: u64 = published.iter().map(|(f, _)| f.rows).sum();
+        let wal = Some(WalMark { node: self.node_id.clone(), flushed_lsn: max_lsn });
+        let change = match self
+            .commit_files(
+                published,
+                Vec::new(),
+                wal,
+                CrashPoint::FlushBeforeCommit,
+                CrashPoint::FlushAfterCommit,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.flush_errors.add(1);
+                return Err(e);
+            }
+        };
         let released = self.store.apply(&change, Some(max_lsn));
         self.budget.release(released);
         self.wal.release(max_lsn);
@@ -439,24 +446,164 @@ impl Engine {
         Ok(rows)
     }
 
-    async fn committed(&self, path: &str) -> bool {
-        self.catalog.state().await.files.contains_key(path)
+    /// Puts encoded files and their trace filters. On failure deletes what it put and fails.
+    pub(crate) async fn publish(
+        &self,
+        files: Vec<EncodedFile>,
+    ) -> Result<Vec<(DataFile, Arc<TraceFilter>)>> {
+        let object_store = self.store.object_store();
+        let mut done: Vec<(DataFile, Arc<TraceFilter>)> = Vec::with_capacity(files.len());
+        for file in files {
+            let path = Path::from(file.meta.path.as_str());
+            let size = file.bytes.len() as u64;
+            let put = object_store.put(&path, PutPayload::from_bytes(file.bytes)).await;
+            let put = match put {
+                Ok(_) => {
+                    let filter = Path::from(trace_index::filter_path(&file.meta.path));
+                    let bytes = file.trace_filter.to_bytes();
+                    object_store
+                        .put(&filter, PutPayload::from_bytes(bytes))
+                        .await
+                        .map_err(|source| Error::ObjectStore { op: "put", path: filter, source })
+                }
+                Err(source) => Err(Error::ObjectStore { op: "put", path, source }),
+            };
+            if let Err(e) = put {
+                done.push((file.meta, Arc::new(file.trace_filter)));
+                let paths: Vec<String> = done.iter().map(|(f, _)| f.path.clone()).collect();
+                self.delete_objects(&paths).await;
+                return Err(e);
+            }
+            self.metrics.files_written.add(1);
+            self.metrics.bytes_written.add(size);
+            done.push((file.meta, Arc::new(file.trace_filter)));
+        }
+        Ok(done)
     }
 
-    /// Deletes data files of a flush that did not commit (best effort; orphan collection
-    /// catches what is left).
-    async fn discard(&self, files: &[crate::catalog::DataFile]) {
+    /// Commits published files (and the removal of others) as one catalog version, between
+    /// two crash points. If the commit fails for sure, the published files are deleted.
+    pub(crate) async fn commit_files(
+        &self,
+        added: Vec<(DataFile, Arc<TraceFilter>)>,
+        remove: Vec<String>,
+        wal: Option<WalMark>,
+        before: CrashPoint,
+        after: CrashPoint,
+    ) -> Result<Change> {
+        crash::reached(before);
+        let change = Change { add: added.iter().map(|(f, _)| f.clone()).collect(), remove, wal };
+        let others = match self.catalog.commit(change.clone()).await {
+            Ok((_, others)) => others,
+            Err(e) => {
+                // The put may have succeeded although its answer was lost: look before discarding.
+                if let Ok(changes) = self.catalog.refresh().await {
+                    for c in &changes {
+                        self.store.apply(c, None);
+                    }
+                }
+                if !self.landed(&change).await {
+                    let paths: Vec<String> = change.add.iter().map(|f| f.path.clone()).collect();
+                    self.delete_objects(&paths).await;
+                    return Err(e);
+                }
+                Vec::new()
+            }
+        };
+        for o in &others {
+            self.store.apply(o, None);
+        }
+        for (f, filter) in added {
+            self.store.trace_index().insert(&f.path, filter);
+        }
+        crash::reached(after);
+        Ok(change)
+    }
+
+    /// Whether `change` is in the catalog (after a commit whose answer was an error).
+    async fn landed(&self, change: &Change) -> bool {
+        let state = self.catalog.state().await;
+        match (change.add.first(), change.remove.first()) {
+            (Some(f), _) => state.files.contains_key(&f.path),
+            (None, Some(p)) => !state.files.contains_key(p),
+            (None, None) => true,
+        }
+    }
+
+    /// Deletes data files and their trace filters (best effort; orphan collection catches
+    /// what is left).
+    pub(crate) async fn delete_objects(&self, paths: &[String]) {
         let object_store = self.store.object_store();
-        for f in files {
-            if let Err(e) = object_store.delete(&Path::from(f.path.as_str())).await {
-                tracing::debug!(path = f.path, error = %e, "cannot delete file of a failed flush");
+        for p in paths {
+            for path in [Path::from(p.as_str()), Path::from(trace_index::filter_path(p))] {
+                match object_store.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                        self.metrics.objects_deleted.add(1)
+                    }
+                    Err(e) => tracing::debug!(%path, error = %e, "cannot delete object"),
+                }
             }
         }
     }
 
-    /// Deletes unreferenced data files older than the configured grace period.
+    /// Loads the trace filters of committed files that have one and are not loaded yet.
+    pub async fn load_trace_filters(&self) {
+        use futures::StreamExt as _;
+        let index = self.store.trace_index();
+        let missing: Vec<String> = self
+            .store
+            .files()
+            .into_iter()
+            .filter(|f| f.trace_index && !index.has(&f.path))
+            .map(|f| f.path.clone())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let object_store = self.store.object_store();
+        let started = Instant::now();
+        let loaded = futures::stream::iter(missing)
+            .map(|p| {
+                let object_store = Arc::clone(&object_store);
+                async move {
+                    let path = Path::from(trace_index::filter_path(&p));
+                    let bytes = object_store.get(&path).await.ok()?.bytes().await.ok()?;
+                    Some((p, TraceFilter::from_bytes(&bytes)?))
+                }
+            })
+            .buffer_unordered(16)
+            .filter_map(|r| async move { r })
+            .collect::<Vec<_>>()
+            .await;
+        let n = loaded.len();
+        let committed = self.store.files();
+        for (p, f) in loaded {
+            // A file may have left the catalog while its filter loaded.
+            if committed.iter().any(|c| c.path == p) {
+                index.insert(&p, Arc::new(f));
+            }
+        }
+        tracing::info!(filters = n, elapsed = ?started.elapsed(), "trace index loaded");
+    }
+
+    /// Deletes unreferenced data files and trace filters older than the configured grace
+    /// period.
     pub async fn collect_orphans(&self) -> Result<Vec<String>> {
-        self.catalog.collect_orphans(SPANS_PREFIX, self.config.orphan_grace).await
+        let grace = self.config.orphan_grace;
+        let mut deleted =
+            self.catalog.collect_orphans(SPANS_PREFIX, grace, |p| p.to_string()).await?;
+        let index = self
+            .catalog
+            .collect_orphans(trace_index::INDEX_PREFIX, grace, |p| {
+                p.strip_prefix(trace_index::INDEX_PREFIX)
+                    .and_then(|p| p.strip_prefix('/'))
+                    .and_then(|p| p.strip_suffix(".bloom"))
+                    .unwrap_or(p)
+                    .to_string()
+            })
+            .await?;
+        deleted.extend(index);
+        Ok(deleted)
     }
 
     /// Stops intake, writes what the WAL queue holds, flushes everything to Parquet and stops
@@ -487,6 +634,8 @@ impl Engine {
         for t in tasks {
             t.abort();
         }
+        // No reader is left in this process: files out of the catalog can go now.
+        self.delete_due(true).await;
         result
     }
 }

@@ -11,6 +11,8 @@
 //!   as one consistent [`store::Snapshot`] for readers;
 //! * [`writer`] and [`layout`] — Parquet encoding and where files go;
 //! * [`catalog`] — the versioned list of committed files with their stats, in the object store;
+//! * [`trace_index`] — per-file trace id filters: a trace found by id alone, whatever its time;
+//! * [`compaction`] — merging small files, retention and deletion by rewriting files;
 //! * [`engine::Engine`] — the running pieces wired together: ingest, flush, recovery, shutdown;
 //! * [`objstore`] — data locations by URL (local disk, S3, GCS, Azure), with request accounting;
 //! * [`pricing`] — the model price table used to derive `cost_usd`;
@@ -22,6 +24,8 @@
 pub mod batch;
 pub mod budget;
 pub mod catalog;
+pub mod compaction;
+pub mod crash;
 pub mod engine;
 mod error;
 pub mod layout;
@@ -32,6 +36,7 @@ pub mod record;
 pub mod schema;
 pub mod store;
 pub mod task;
+pub mod trace_index;
 pub mod wal;
 pub mod writer;
 

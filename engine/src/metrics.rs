@@ -145,6 +145,18 @@ pub struct EngineMetrics {
     pub wal_errors: Counter,
     /// Time of one WAL group commit (write and sync).
     pub wal_sync_seconds: Histogram,
+    /// Compaction jobs committed.
+    pub compactions: Counter,
+    /// Files merged away by compaction.
+    pub compacted_files: Counter,
+    /// Failed compaction jobs (retried at the next interval).
+    pub compaction_errors: Counter,
+    /// Files removed by retention.
+    pub retention_files: Counter,
+    /// Spans removed by deletion requests.
+    pub spans_deleted: Counter,
+    /// Data and index objects deleted after they left the catalog.
+    pub objects_deleted: Counter,
 }
 
 impl EngineMetrics {
@@ -177,6 +189,36 @@ impl EngineMetrics {
             self.bytes_written.get(),
         );
         e.counter("spanlake_flush_errors_total", "Failed flush attempts", self.flush_errors.get());
+        e.counter(
+            "spanlake_compactions_total",
+            "Compaction jobs committed",
+            self.compactions.get(),
+        );
+        e.counter(
+            "spanlake_compacted_files_total",
+            "Files merged away by compaction",
+            self.compacted_files.get(),
+        );
+        e.counter(
+            "spanlake_compaction_errors_total",
+            "Failed compaction jobs",
+            self.compaction_errors.get(),
+        );
+        e.counter(
+            "spanlake_retention_files_total",
+            "Files removed by retention",
+            self.retention_files.get(),
+        );
+        e.counter(
+            "spanlake_spans_deleted_total",
+            "Spans removed by deletion requests",
+            self.spans_deleted.get(),
+        );
+        e.counter(
+            "spanlake_objects_deleted_total",
+            "Data and index objects deleted after leaving the catalog",
+            self.objects_deleted.get(),
+        );
         e.histogram(
             "spanlake_flush_duration_seconds",
             "Time to encode, write and commit one flush",

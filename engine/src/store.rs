@@ -14,6 +14,7 @@ use object_store::ObjectStore;
 
 use crate::catalog::{Change, DataFile};
 use crate::schema::col;
+use crate::trace_index::TraceIndex;
 
 /// An inclusive range of `start_time` nanoseconds; `None` is unbounded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub struct Scope {
     pub project: Option<String>,
     /// Only spans starting in this range.
     pub time: TimeRange,
+    /// Only this trace (files are chosen by the trace index).
+    pub trace_id: Option<String>,
 }
 
 /// What a reader sees: files and memory batches at one instant.
@@ -96,6 +99,7 @@ struct State {
 pub struct SpanStore {
     object_store: Arc<dyn ObjectStore>,
     state: RwLock<State>,
+    trace_index: TraceIndex,
 }
 
 impl SpanStore {
@@ -105,7 +109,16 @@ impl SpanStore {
         files: impl IntoIterator<Item = Arc<DataFile>>,
     ) -> Self {
         let files = files.into_iter().map(|f| (f.path.clone(), f)).collect();
-        Self { object_store, state: RwLock::new(State { files, batches: Vec::new() }) }
+        Self {
+            object_store,
+            state: RwLock::new(State { files, batches: Vec::new() }),
+            trace_index: TraceIndex::default(),
+        }
+    }
+
+    /// The trace filters of the committed files.
+    pub fn trace_index(&self) -> &TraceIndex {
+        &self.trace_index
     }
 
     /// The object store holding the data files.
@@ -130,7 +143,13 @@ impl SpanStore {
                 .files
                 .values()
                 .filter(|f| {
-                    project_ok(&f.project) && scope.time.overlaps(f.min_start_ns, f.max_start_ns)
+                    project_ok(&f.project)
+                        && scope.time.overlaps(f.min_start_ns, f.max_start_ns)
+                        && scope.trace_id.as_deref().is_none_or(|id| {
+                            f.min_trace_id.as_str() <= id
+                                && id <= f.max_trace_id.as_str()
+                                && self.trace_index.may_contain(&f.path, id)
+                        })
                 })
                 .cloned()
                 .collect(),
@@ -169,6 +188,7 @@ impl SpanStore {
         for path in &change.remove {
             s.files.remove(path);
         }
+        self.trace_index.remove(&change.remove);
         for f in &change.add {
             s.files.insert(f.path.clone(), Arc::new(f.clone()));
         }

@@ -22,6 +22,7 @@ use crate::catalog::DataFile;
 use crate::error::{Error, Result};
 use crate::layout::HourPartition;
 use crate::schema::{col, spans_schema};
+use crate::trace_index::TraceFilter;
 
 /// How Parquet files are written.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct EncodedFile {
     pub meta: DataFile,
     /// Repeated spans dropped.
     pub duplicates: usize,
+    /// Its trace filter (see [`crate::trace_index`]).
+    pub trace_filter: TraceFilter,
 }
 
 /// The partition key of a file: project and hour.
@@ -135,11 +138,47 @@ pub fn encode_file(
     level: u8,
     config: &WriterConfig,
 ) -> Result<EncodedFile> {
+    let (batch, duplicates) = sort_for_storage(batches)?;
+    let mut file = encode_sorted(project, partition, &batch, level, config)?;
+    file.duplicates = duplicates;
+    Ok(file)
+}
+
+/// Splits a batch sorted by trace id into slices of about `max_rows` rows, cut only between
+/// traces (a trace larger than `max_rows` stays whole).
+pub fn split_at_traces(batch: &RecordBatch, max_rows: usize) -> Vec<RecordBatch> {
+    let n = batch.num_rows();
+    let max_rows = max_rows.max(1);
+    if n <= max_rows {
+        return vec![batch.clone()];
+    }
+    let ids = batch.column_by_name(col::TRACE_ID).expect("trace_id").as_string::<i32>();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let mut end = (start + max_rows).min(n);
+        while end < n && ids.value(end) == ids.value(end - 1) {
+            end += 1;
+        }
+        out.push(batch.slice(start, end - start));
+        start = end;
+    }
+    out
+}
+
+/// Encodes rows already sorted by [`sort_for_storage`] as one Parquet file, with its trace
+/// filter.
+pub fn encode_sorted(
+    project: &str,
+    partition: HourPartition,
+    batch: &RecordBatch,
+    level: u8,
+    config: &WriterConfig,
+) -> Result<EncodedFile> {
     let path = partition.new_file_path(project);
     let parquet_err = |source| Error::Parquet { path: path.clone(), source };
-    let (batch, duplicates) = sort_for_storage(batches)?;
     let rows = batch.num_rows() as u64;
-    let times = start_times(&batch);
+    let times = start_times(batch);
     let min_start_ns = times.iter().copied().min().unwrap_or(0);
     let max_start_ns = times.iter().copied().max().unwrap_or(0);
     let ids = batch.column_by_name(col::TRACE_ID).expect("trace_id").as_string::<i32>();
@@ -147,6 +186,10 @@ pub fn encode_file(
         0 => (String::new(), String::new()),
         n => (ids.value(0).to_string(), ids.value(n - 1).to_string()),
     };
+    // Sorted by trace id: distinct ids are where the value changes.
+    let traces = (0..ids.len()).filter(|&i| i == 0 || ids.value(i) != ids.value(i - 1)).count();
+    let trace_filter = TraceFilter::build(ids.iter().flatten(), traces);
+    let mem_bytes = batch.get_array_memory_size() as u64;
 
     let zstd = ZstdLevel::try_new(config.zstd_level).map_err(parquet_err)?;
     let trace_id = ColumnPath::from(col::TRACE_ID);
@@ -157,12 +200,12 @@ pub fn encode_file(
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_column_bloom_filter_enabled(trace_id.clone(), true)
         .set_column_bloom_filter_fpp(trace_id.clone(), config.bloom_fpp)
-        .set_column_bloom_filter_max_ndv(trace_id, rows.max(1))
+        .set_column_bloom_filter_max_ndv(trace_id, (traces as u64).max(1))
         .build();
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4);
     let mut writer = ArrowWriter::try_new(&mut buf, Arc::clone(batch.schema_ref()), Some(props))
         .map_err(parquet_err)?;
-    writer.write(&batch).map_err(parquet_err)?;
+    writer.write(batch).map_err(parquet_err)?;
     writer.close().map_err(parquet_err)?;
     let meta = DataFile {
         path: path.to_string(),
@@ -175,8 +218,11 @@ pub fn encode_file(
         min_trace_id,
         max_trace_id,
         trace_id_bloom: true,
+        traces: traces as u64,
+        mem_bytes,
+        trace_index: true,
         level,
         created_ms: chrono::Utc::now().timestamp_millis(),
     };
-    Ok(EncodedFile { bytes: Bytes::from(buf), meta, duplicates })
+    Ok(EncodedFile { bytes: Bytes::from(buf), meta, duplicates: 0, trace_filter })
 }

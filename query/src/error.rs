@@ -35,6 +35,19 @@ pub enum Error {
         #[source]
         source: DataFusionError,
     },
+    /// A request that is not valid (a bad trace id, an empty predicate, ...).
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong.
+        message: String,
+    },
+    /// The storage engine failed.
+    #[error("{source}")]
+    Storage {
+        /// The cause.
+        #[source]
+        source: spanlake_engine::Error,
+    },
     /// Encoding the result failed.
     #[error("failed to encode result")]
     Encode {
@@ -71,6 +84,8 @@ impl Error {
                 }
                 _ => ErrorKind::Internal,
             },
+            Self::BadRequest { .. } => ErrorKind::InvalidInput,
+            Self::Storage { source } => source.kind(),
             Self::Encode { .. } => ErrorKind::Internal,
         }
     }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde::Deserialize;
-use spanlake_engine::ErrorKind;
+use spanlake_engine::{Engine, ErrorKind};
 
 use crate::engine::QueryEngine;
 use crate::error::Error;
@@ -27,9 +27,61 @@ pub struct SqlRequest {
     pub sql: String,
 }
 
-/// The SQL routes.
+/// The SQL and trace routes.
 pub fn router(engine: Arc<QueryEngine>) -> Router {
-    Router::new().route("/v1/sql", post(sql)).with_state(engine)
+    Router::new()
+        .route("/v1/sql", post(sql))
+        .route("/v1/traces/{trace_id}", get(trace))
+        .with_state(engine)
+}
+
+/// Operator routes: `POST /v1/admin/delete` with `{"where": "<SQL condition>", "project": …}`.
+pub fn admin_router(query: Arc<QueryEngine>, engine: Arc<Engine>) -> Router {
+    Router::new().route("/v1/admin/delete", post(delete)).with_state((query, engine))
+}
+
+async fn trace(State(engine): State<Arc<QueryEngine>>, Path(trace_id): Path<String>) -> Response {
+    match crate::trace::trace_tree(&engine, &trace_id).await {
+        Ok(Some(tree)) => Json(tree).into_response(),
+        Ok(None) => error_body(
+            StatusCode::NOT_FOUND,
+            &format!("trace {} not found", trace_id.to_ascii_lowercase()),
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Body of `POST /v1/admin/delete`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRequest {
+    /// A SQL condition over the `spans` columns, e.g. `user_id = 'u-42'`.
+    #[serde(rename = "where")]
+    pub predicate: String,
+    /// Only this project's spans (all projects when absent).
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+async fn delete(
+    State((query, engine)): State<(Arc<QueryEngine>, Arc<Engine>)>,
+    body: Result<Json<DeleteRequest>, JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(rejection) => {
+            let msg = format!(
+                "invalid request body: {}; expected {{\"where\": \"<SQL condition>\"}}",
+                rejection.body_text()
+            );
+            return error_body(StatusCode::BAD_REQUEST, &msg);
+        }
+    };
+    match crate::admin::delete_where(&engine, &query, req.project.as_deref(), &req.predicate).await
+    {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error_response(&e),
+    }
 }
 
 fn negotiate(headers: &HeaderMap) -> Format {

@@ -6,17 +6,21 @@
 //! * [`QueryEngine`] — a DataFusion context with `spans`, the `traces` view, the JSON functions
 //!   for attribute access, and the read-only SQL sandbox used by every network frontend;
 //! * [`format`] — results as JSON, CSV, Arrow IPC or a table for people;
-//! * [`http`] — `POST /v1/sql`.
+//! * [`trace`] — a whole trace by id as a span tree, found through the trace index;
+//! * [`admin`] — deletion of spans by predicate;
+//! * [`http`] — `POST /v1/sql`, `GET /v1/traces/{id}`, `POST /v1/admin/delete`.
 //!
 //! Depends on `spanlake-engine` only.
 #![warn(missing_docs)]
 
+pub mod admin;
 mod engine;
 mod error;
 pub mod format;
 pub mod functions;
 pub mod http;
 pub mod provider;
+pub mod trace;
 
 pub use engine::{QueryConfig, QueryEngine, QueryMetrics, QueryResult, check_read_only};
 pub use error::{Error, Result};

@@ -20,8 +20,9 @@ use datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator, TableProvide
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
+use spanlake_engine::catalog::DataFile;
 use spanlake_engine::schema::{col, spans_schema};
-use spanlake_engine::store::{Scope, SpanStore, TimeRange};
+use spanlake_engine::store::{Scope, Snapshot, SpanStore, TimeRange};
 
 /// The URL under which the data location is registered with DataFusion.
 pub const STORE_URL: &str = "spanlake://data";
@@ -33,12 +34,19 @@ pub struct SpansTable {
     store: Arc<SpanStore>,
     project: Option<String>,
     schema: SchemaRef,
+    /// Only these files and no memory batches (maintenance jobs reading one file).
+    files: Option<Vec<Arc<DataFile>>>,
 }
 
 impl SpansTable {
     /// The table over `store`; only `project`'s spans when one is given.
     pub fn new(store: Arc<SpanStore>, project: Option<String>) -> Self {
-        Self { store, project, schema: spans_schema() }
+        Self { store, project, schema: spans_schema(), files: None }
+    }
+
+    /// The table over exactly `files` (no memory batches).
+    pub fn over_files(store: Arc<SpanStore>, files: Vec<Arc<DataFile>>) -> Self {
+        Self { store, project: None, schema: spans_schema(), files: Some(files) }
     }
 }
 
@@ -67,8 +75,15 @@ impl TableProvider for SpansTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let scope = Scope { project: self.project.clone(), time: time_range(filters) };
-        let snapshot = self.store.snapshot(&scope);
+        let scope = Scope {
+            project: self.project.clone(),
+            time: time_range(filters),
+            trace_id: trace_id(filters),
+        };
+        let snapshot = match &self.files {
+            Some(files) => Snapshot { files: files.clone(), batches: Vec::new() },
+            None => self.store.snapshot(&scope),
+        };
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(2);
 
         if !snapshot.files.is_empty() {
@@ -126,6 +141,36 @@ impl TableProvider for SpansTable {
             _ => UnionExec::try_new(plans),
         }
     }
+}
+
+/// The trace id a conjunction of filters pins (`trace_id = '…'`), if any.
+pub fn trace_id(filters: &[Expr]) -> Option<String> {
+    fn find(e: &Expr) -> Option<String> {
+        match e {
+            Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+                find(left).or_else(|| find(right))
+            }
+            Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) => {
+                let is_col = |e: &Expr| matches!(e, Expr::Column(c) if c.name == col::TRACE_ID);
+                let lit = |e: &Expr| match e {
+                    Expr::Literal(
+                        ScalarValue::Utf8(Some(v))
+                        | ScalarValue::Utf8View(Some(v))
+                        | ScalarValue::LargeUtf8(Some(v)),
+                        _,
+                    ) => Some(v.clone()),
+                    _ => None,
+                };
+                match (is_col(left), is_col(right)) {
+                    (true, _) => lit(right),
+                    (_, true) => lit(left),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+    filters.iter().find_map(find)
 }
 
 /// The `start_time` range implied by a conjunction of filters (unbounded where unknown).
@@ -223,5 +268,16 @@ mod tests {
         assert_eq!(r, TimeRange { min_ns: Some(5), max_ns: Some(7) });
         let r = time_range(&[c("end_time").gt(ts(10)), c("start_time").eq(lit(3))]);
         assert_eq!(r, TimeRange::default());
+    }
+
+    #[test]
+    fn trace_id_from_equality() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        assert_eq!(
+            trace_id(&[c("name").eq(lit("x")).and(lit(id).eq(c("trace_id")))]).as_deref(),
+            Some(id)
+        );
+        assert_eq!(trace_id(&[c("trace_id").gt(lit(id))]), None);
+        assert_eq!(trace_id(&[c("trace_id").eq(lit(id)).or(c("name").eq(lit("x")))]), None);
     }
 }

@@ -64,6 +64,7 @@ pub struct TestServer {
     /// OTLP/gRPC port.
     pub grpc_port: u16,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
 }
 
@@ -96,13 +97,15 @@ impl TestServer {
             http_port: free_port(),
             grpc_port: free_port(),
             extra: options.args,
+            env: options.env,
             log,
         };
-        s.spawn(&options.env);
+        s.spawn();
         s
     }
 
-    fn spawn(&mut self, env: &[(String, String)]) {
+    fn spawn(&mut self) {
+        let env = self.env.clone();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -121,7 +124,7 @@ impl TestServer {
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log);
-        for (k, v) in env {
+        for (k, v) in &env {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("start spanlake"));
@@ -244,7 +247,42 @@ impl TestServer {
     /// Starts the server again on the same data directory and ports.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the server first");
-        self.spawn(&[]);
+        self.spawn();
+    }
+
+    /// Starts the server again with an empty local data directory (no WAL, no node id), as a
+    /// replacement node would; the data location must be given separately (`--location`).
+    pub fn restart_on_empty_disk(&mut self, dir: PathBuf) {
+        assert!(self.child.is_none(), "stop or kill the server first");
+        self.dir = dir;
+        self.spawn();
+    }
+
+    /// Waits for the server process to exit by itself (e.g. at a crash point).
+    pub fn wait_exit(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            panic!("spanlake did not exit:\n{}", self.log_text());
+        }
+    }
+
+    /// Polls `cond` every 50 ms for up to 60 s; panics with `what` and the log if it never holds.
+    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}:\n{}", self.log_text());
     }
 
     /// Runs `spanlake <args>` on this server's data directory and returns its stdout.
@@ -253,6 +291,7 @@ impl TestServer {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run spanlake");
         assert!(
@@ -307,5 +346,77 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A real S3-compatible server (moto, from PyPI; installed into .venv by scripts/test) with
+/// one bucket, for as long as the value lives.
+pub struct S3Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The bucket created at start.
+    pub bucket: String,
+}
+
+impl S3Server {
+    /// Starts the server and creates `bucket`.
+    pub fn start(bucket: &str) -> Self {
+        let port = free_port();
+        let moto = python().with_file_name("moto_server");
+        let child = Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e} (run scripts/test)", moto.display()));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let client = reqwest::blocking::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // moto checks no signatures: a plain PUT creates the bucket.
+            match client.put(format!("{endpoint}/{bucket}")).send() {
+                Ok(r) if r.status().is_success() => break,
+                _ if Instant::now() > deadline => panic!("moto did not start on {endpoint}"),
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        Self { child, endpoint, bucket: bucket.to_string() }
+    }
+
+    /// The environment that points spanlake (or any AWS SDK) at this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Keys of the objects under `prefix` (moto's ListObjectsV2, unsigned).
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        let body = reqwest::blocking::get(format!(
+            "{}/{}?list-type=2&prefix={prefix}&max-keys=10000",
+            self.endpoint, self.bucket
+        ))
+        .and_then(|r| r.text())
+        .expect("list objects");
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|p| p.split("</Key>").next())
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -4,4 +4,5 @@ mod basics;
 mod crash;
 mod durability;
 mod harness;
+mod lifecycle;
 mod sdk_export;

@@ -73,6 +73,15 @@ pub struct DataFile {
     pub max_trace_id: String,
     /// Whether `trace_id` has a Parquet bloom filter.
     pub trace_id_bloom: bool,
+    /// Distinct trace ids.
+    #[serde(default)]
+    pub traces: u64,
+    /// Bytes the rows take in memory as Arrow (what reading the whole file costs).
+    #[serde(default)]
+    pub mem_bytes: u64,
+    /// Whether the file's trace filter exists (see [`crate::trace_index`]).
+    #[serde(default)]
+    pub trace_index: bool,
     /// 0 for a flush, 1 and above for compaction output.
     pub level: u8,
     /// When it was written (ms since the Unix epoch).
@@ -332,10 +341,16 @@ impl Catalog {
         Ok(())
     }
 
-    /// Deletes data files under `prefix` that no catalog version references and that are older
-    /// than `grace` (a flush or compaction may be about to commit younger ones). Returns the
-    /// paths deleted. This is the only catalog operation that LISTs.
-    pub async fn collect_orphans(&self, prefix: &str, grace: Duration) -> Result<Vec<String>> {
+    /// Deletes objects under `prefix` whose data file (`data_path` maps an object's path to
+    /// it) no catalog version references and that are older than `grace` (a flush or
+    /// compaction may be about to commit younger ones). Returns the paths deleted. This is the
+    /// only catalog operation that LISTs.
+    pub async fn collect_orphans(
+        &self,
+        prefix: &str,
+        grace: Duration,
+        data_path: impl Fn(&str) -> String,
+    ) -> Result<Vec<String>> {
         let prefix_path = Path::from(prefix);
         let listed: Vec<_> =
             self.store.list(Some(&prefix_path)).try_collect().await.map_err(|source| {
@@ -346,7 +361,7 @@ impl Catalog {
         let mut deleted = Vec::new();
         for meta in listed {
             let path = meta.location.to_string();
-            if state.files.contains_key(&path) || meta.last_modified > cutoff {
+            if state.files.contains_key(&data_path(&path)) || meta.last_modified > cutoff {
                 continue;
             }
             match self.store.delete(&meta.location).await {
@@ -375,6 +390,9 @@ mod tests {
             min_trace_id: "a".into(),
             max_trace_id: "b".into(),
             trace_id_bloom: true,
+            traces: 1,
+            mem_bytes: 100,
+            trace_index: false,
             level: 0,
             created_ms: 0,
         }

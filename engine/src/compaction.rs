@@ -1,0 +1,445 @@
+//! The life of committed data: compaction, retention, deletion by rewriting, and the removal
+//! of files that left the catalog.
+//!
+//! Every job follows the protocol of a flush: write the new files (and their trace filters),
+//! then commit one catalog version that adds them and removes the files they replace, then
+//! (after [`MaintenanceConfig::file_delete_delay`], so that queries that started before the
+//! commit can finish reading) delete the replaced objects. Readers see the version before the
+//! commit or the one after it, never a mix: the store swaps files in one step. A crash before
+//! the commit leaves unreferenced new files, a crash after it unreferenced old ones; either
+//! kind is deleted by orphan collection. Jobs that remove files run one at a time per node
+//! ([`Engine::maintenance_guard`]); between nodes, the catalog's conditional commit refuses a
+//! job whose inputs another node removed first, and the job is planned again.
+//!
+//! * **Compaction** merges the small files of a (project, hour) partition into files of about
+//!   [`MaintenanceConfig::target_file_bytes`], sorted by `(trace_id, start_time, span_id)` with
+//!   bloom filters, page indexes and statistics; exact repeats of a span (a client re-sending
+//!   a request whose answer it lost, after the first copy was flushed) are dropped here.
+//! * **Retention** removes whole hour partitions older than [`MaintenanceConfig::retention`].
+//! * **Deletion** ([`Engine::replace_files`]) rewrites the files holding spans that match an
+//!   operator's predicate (the predicate is evaluated by the query layer).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use bytes::Bytes;
+use object_store::ObjectStoreExt as _;
+use object_store::path::Path;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tokio::sync::MutexGuard;
+
+use crate::catalog::DataFile;
+use crate::crash::CrashPoint;
+use crate::engine::Engine;
+use crate::error::{Error, Result, on_cpu};
+use crate::layout::HourPartition;
+use crate::writer::{encode_file, encode_sorted, sort_for_storage, split_at_traces};
+
+/// Settings of compaction, retention and file deletion.
+#[derive(Debug, Clone)]
+pub struct MaintenanceConfig {
+    /// Whether compaction runs.
+    pub compaction: bool,
+    /// How often maintenance looks for work.
+    pub interval: Duration,
+    /// Small files in a partition that trigger its compaction (the partition of the current
+    /// hour; older partitions are compacted as soon as they have two).
+    pub min_files: usize,
+    /// Size of the files compaction writes.
+    pub target_file_bytes: u64,
+    /// Arrow memory one compaction job may read at once (its input files decoded).
+    pub max_input_bytes: u64,
+    /// Spans older than this are removed, whole hour partitions at a time. `None` keeps all.
+    pub retention: Option<Duration>,
+    /// Files out of the catalog are deleted this long after, so that running queries finish.
+    pub file_delete_delay: Duration,
+    /// How often unreferenced objects (left by crashes) are looked for.
+    pub orphan_interval: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            compaction: true,
+            interval: Duration::from_secs(30),
+            min_files: 8,
+            target_file_bytes: 128 << 20,
+            max_input_bytes: 1 << 30,
+            retention: None,
+            file_delete_delay: Duration::from_secs(60),
+            orphan_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One compaction job: files of one partition to merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompactionJob {
+    /// Project.
+    pub project: String,
+    /// Hour partition.
+    pub hour: i64,
+    /// Files merged.
+    pub inputs: Vec<Arc<DataFile>>,
+}
+
+/// Arrow memory a file takes when read whole (an estimate for files that did not record it).
+fn mem_estimate(f: &DataFile) -> u64 {
+    if f.mem_bytes > 0 { f.mem_bytes } else { f.size.saturating_mul(8) }
+}
+
+/// Chooses compaction jobs: in each (project, hour) partition, the files smaller than half the
+/// target, oldest first, as long as their decoded size fits `max_input_bytes`.
+pub fn plan(
+    files: &[Arc<DataFile>],
+    config: &MaintenanceConfig,
+    current_hour: i64,
+) -> Vec<CompactionJob> {
+    let mut by_partition: BTreeMap<(&str, i64), Vec<&Arc<DataFile>>> = BTreeMap::new();
+    for f in files {
+        if f.size < config.target_file_bytes / 2 {
+            by_partition.entry((f.project.as_str(), f.hour)).or_default().push(f);
+        }
+    }
+    let mut jobs = Vec::new();
+    for ((project, hour), mut small) in by_partition {
+        let needed = if hour >= current_hour { config.min_files.max(2) } else { 2 };
+        if small.len() < needed {
+            continue;
+        }
+        small.sort_by_key(|f| (f.created_ms, f.path.clone()));
+        let mut inputs = Vec::new();
+        let mut bytes = 0u64;
+        for f in small {
+            let m = mem_estimate(f);
+            if inputs.len() >= 2 && bytes + m > config.max_input_bytes {
+                break;
+            }
+            bytes += m;
+            inputs.push(Arc::clone(f));
+        }
+        if inputs.len() >= 2 {
+            jobs.push(CompactionJob { project: project.to_string(), hour, inputs });
+        }
+    }
+    jobs
+}
+
+/// The outcome of [`Engine::replace_files`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplaceReport {
+    /// Files replaced.
+    pub files_rewritten: usize,
+    /// Rows in the replaced files minus rows in their replacements.
+    pub rows_removed: u64,
+}
+
+/// Held while a job removes committed files; see [`Engine::maintenance_guard`].
+#[derive(Debug)]
+pub struct MaintenanceGuard<'a>(
+    #[expect(dead_code, reason = "held for its drop")] MutexGuard<'a, ()>,
+);
+
+fn now_hour() -> i64 {
+    HourPartition::of_ns(chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)).epoch_hour
+}
+
+impl Engine {
+    /// Waits until no other job removes committed files, and keeps them out while held.
+    pub async fn maintenance_guard(&self) -> MaintenanceGuard<'_> {
+        MaintenanceGuard(self.maintenance_lock.lock().await)
+    }
+
+    pub(crate) async fn run_maintenance(self: Arc<Self>) {
+        let config = self.config.maintenance.clone();
+        // Orphans are looked for at start (a crash may just have left some), then periodically.
+        let mut last_orphans: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(config.interval).await;
+            if let Err(e) = self.apply_retention().await {
+                tracing::warn!(error = %e, "retention failed; retried at the next interval");
+            }
+            if config.compaction {
+                match self.compact().await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.metrics.compaction_errors.add(1);
+                        tracing::warn!(error = %e, "compaction failed; retried at the next interval");
+                    }
+                }
+            }
+            self.delete_due(false).await;
+            if last_orphans.is_none_or(|t| t.elapsed() >= config.orphan_interval) {
+                last_orphans = Some(Instant::now());
+                match self.collect_orphans().await {
+                    Ok(d) if !d.is_empty() => {
+                        tracing::info!(objects = d.len(), "unreferenced objects deleted")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "orphan collection failed"),
+                }
+            }
+        }
+    }
+
+    /// Runs every compaction job due now. Returns the number of input files merged.
+    pub async fn compact(&self) -> Result<usize> {
+        let guard = self.maintenance_guard().await;
+        let jobs = plan(&self.store.files(), &self.config.maintenance, now_hour());
+        let mut merged = 0;
+        for job in jobs {
+            merged += self.compact_job(&guard, job).await?;
+        }
+        Ok(merged)
+    }
+
+    async fn compact_job(
+        &self,
+        _guard: &MaintenanceGuard<'_>,
+        job: CompactionJob,
+    ) -> Result<usize> {
+        let started = Instant::now();
+        let mut batches = Vec::new();
+        for f in &job.inputs {
+            batches.extend(self.read_file(f).await?);
+        }
+        let in_rows: u64 = job.inputs.iter().map(|f| f.rows).sum();
+        let in_bytes: u64 = job.inputs.iter().map(|f| f.size).sum();
+        let level = job.inputs.iter().map(|f| f.level).max().unwrap_or(0).saturating_add(1);
+        let rows_per_file = (self.config.maintenance.target_file_bytes as f64
+            / (in_bytes.max(1) as f64 / in_rows.max(1) as f64))
+            .max(1.0) as usize;
+        let writer = self.config.writer.clone();
+        let (project, hour) = (job.project.clone(), HourPartition { epoch_hour: job.hour });
+        let (encoded, duplicates) = on_cpu(move || -> Result<_> {
+            let (sorted, duplicates) = sort_for_storage(&batches)?;
+            drop(batches);
+            let files = split_at_traces(&sorted, rows_per_file)
+                .iter()
+                .map(|part| encode_sorted(&project, hour, part, level, &writer))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((files, duplicates))
+        })
+        .await??;
+        let published = self.publish(encoded).await?;
+        let outputs = published.len();
+        let remove: Vec<String> = job.inputs.iter().map(|f| f.path.clone()).collect();
+        let change = self
+            .commit_files(
+                published,
+                remove,
+                None,
+                CrashPoint::CompactionBeforeCommit,
+                CrashPoint::CompactionAfterCommit,
+            )
+            .await?;
+        self.store.apply(&change, None);
+        self.schedule_delete(change.remove.clone());
+        self.metrics.compactions.add(1);
+        self.metrics.compacted_files.add(job.inputs.len() as u64);
+        self.metrics.spans_deduplicated.add(duplicates as u64);
+        tracing::info!(
+            project = job.project,
+            hour = job.hour,
+            inputs = job.inputs.len(),
+            outputs,
+            rows = in_rows - duplicates as u64,
+            duplicates,
+            elapsed = ?started.elapsed(),
+            "compacted"
+        );
+        Ok(job.inputs.len())
+    }
+
+    /// Reads a whole committed data file.
+    pub async fn read_file(&self, file: &DataFile) -> Result<Vec<RecordBatch>> {
+        let path = Path::from(file.path.as_str());
+        let object_store = self.store.object_store();
+        let get_err = |source| Error::ObjectStore { op: "get", path: path.clone(), source };
+        let bytes: Bytes =
+            object_store.get(&path).await.map_err(get_err)?.bytes().await.map_err(get_err)?;
+        let p = path.clone();
+        on_cpu(move || -> Result<Vec<RecordBatch>> {
+            let parquet_err = |source| Error::Parquet { path: p.clone(), source };
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .map_err(parquet_err)?
+                .with_batch_size(64 * 1024)
+                .build()
+                .map_err(parquet_err)?;
+            reader.map(|b| b.map_err(|source| Error::Arrow { source })).collect::<Result<Vec<_>>>()
+        })
+        .await?
+    }
+
+    /// Removes the hour partitions older than the retention period. Returns the files removed.
+    pub async fn apply_retention(&self) -> Result<usize> {
+        let Some(retention) = self.config.maintenance.retention else { return Ok(0) };
+        let guard = self.maintenance_guard().await;
+        let cutoff_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+            - i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+        // A partition goes when its last nanosecond is older than the cutoff.
+        let expired: Vec<String> = self
+            .store
+            .files()
+            .into_iter()
+            .filter(|f| HourPartition { epoch_hour: f.hour + 1 }.start_ns() <= cutoff_ns)
+            .map(|f| f.path.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let n = expired.len();
+        let change = self
+            .commit_files(
+                Vec::new(),
+                expired,
+                None,
+                CrashPoint::DeleteBeforeCommit,
+                CrashPoint::DeleteAfterCommit,
+            )
+            .await?;
+        self.store.apply(&change, None);
+        self.schedule_delete(change.remove.clone());
+        self.metrics.retention_files.add(n as u64);
+        drop(guard);
+        tracing::info!(files = n, ?retention, "retention removed old partitions");
+        Ok(n)
+    }
+
+    /// Replaces committed files by the rows to keep from each (an empty list removes the file),
+    /// in one catalog commit. The caller holds the maintenance guard from the moment it read
+    /// the files, so that no other job replaces them meanwhile.
+    pub async fn replace_files(
+        &self,
+        _guard: &MaintenanceGuard<'_>,
+        replacements: Vec<(Arc<DataFile>, Vec<RecordBatch>)>,
+    ) -> Result<ReplaceReport> {
+        if replacements.is_empty() {
+            return Ok(ReplaceReport::default());
+        }
+        let writer = self.config.writer.clone();
+        let old_rows: u64 = replacements.iter().map(|(f, _)| f.rows).sum();
+        let remove: Vec<String> = replacements.iter().map(|(f, _)| f.path.clone()).collect();
+        let encoded = on_cpu(move || -> Result<Vec<_>> {
+            replacements
+                .into_iter()
+                .filter(|(_, keep)| keep.iter().any(|b| b.num_rows() > 0))
+                .map(|(f, keep)| {
+                    encode_file(
+                        &f.project,
+                        HourPartition { epoch_hour: f.hour },
+                        &keep,
+                        f.level,
+                        &writer,
+                    )
+                })
+                .collect()
+        })
+        .await??;
+        let published = self.publish(encoded).await?;
+        let new_rows: u64 = published.iter().map(|(f, _)| f.rows).sum();
+        let files_rewritten = remove.len();
+        let change = self
+            .commit_files(
+                published,
+                remove,
+                None,
+                CrashPoint::DeleteBeforeCommit,
+                CrashPoint::DeleteAfterCommit,
+            )
+            .await?;
+        self.store.apply(&change, None);
+        self.schedule_delete(change.remove.clone());
+        let rows_removed = old_rows.saturating_sub(new_rows);
+        self.metrics.spans_deleted.add(rows_removed);
+        Ok(ReplaceReport { files_rewritten, rows_removed })
+    }
+
+    fn schedule_delete(&self, paths: Vec<String>) {
+        if paths.is_empty() {
+            return;
+        }
+        let due = Instant::now() + self.config.maintenance.file_delete_delay;
+        self.pending_deletes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((due, paths));
+    }
+
+    /// Deletes the files out of the catalog whose delay is over (all of them when `all`).
+    pub(crate) async fn delete_due(&self, all: bool) {
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut pending =
+                self.pending_deletes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (due, keep): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut *pending).into_iter().partition(|(t, _)| all || *t <= now);
+            *pending = keep;
+            due.into_iter().flat_map(|(_, p)| p).collect()
+        };
+        if !due.is_empty() {
+            self.delete_objects(&due).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, hour: i64, size: u64, created_ms: i64) -> Arc<DataFile> {
+        Arc::new(DataFile {
+            path: path.into(),
+            project: "default".into(),
+            hour,
+            size,
+            rows: 10,
+            min_start_ns: 0,
+            max_start_ns: 0,
+            min_trace_id: String::new(),
+            max_trace_id: String::new(),
+            trace_id_bloom: true,
+            traces: 1,
+            mem_bytes: size * 4,
+            trace_index: true,
+            level: 0,
+            created_ms,
+        })
+    }
+
+    #[test]
+    fn plans_small_files_per_partition() {
+        let config = MaintenanceConfig {
+            min_files: 3,
+            target_file_bytes: 1000,
+            max_input_bytes: 1000,
+            ..Default::default()
+        };
+        let files = vec![
+            file("a1", 10, 100, 3),
+            file("a2", 10, 100, 1),
+            file("a3", 10, 900, 2), // large: left alone
+            file("b1", 11, 100, 1),
+            file("b2", 11, 100, 2),
+            file("c1", 12, 100, 1),
+            file("c2", 12, 100, 2),
+            file("c3", 12, 100, 3),
+            file("c4", 12, 100, 4),
+        ];
+        // Hour 12 is current: it needs 3 small files; the older partitions need 2.
+        let jobs = plan(&files, &config, 12);
+        let got: Vec<(i64, Vec<&str>)> = jobs
+            .iter()
+            .map(|j| (j.hour, j.inputs.iter().map(|f| f.path.as_str()).collect()))
+            .collect();
+        // Oldest first, up to 1000 bytes of decoded input (400 each): two files.
+        assert_eq!(
+            got,
+            vec![(10, vec!["a2", "a1"]), (11, vec!["b1", "b2"]), (12, vec!["c1", "c2"])]
+        );
+        let jobs = plan(&files[3..5], &config, 11);
+        assert!(jobs.is_empty(), "the current hour waits for min_files");
+    }
+}
