@@ -64,6 +64,12 @@ pub struct ListenConfig {
     pub grpc: SocketAddr,
     /// OTLP/HTTP, the SQL and trace APIs, `/health` and `/metrics`.
     pub http: SocketAddr,
+    /// The Postgres wire protocol (psql, Grafana, BI tools).
+    pub postgres: SocketAddr,
+    /// PEM certificate for the Postgres listener (TLS when `tls_key` is set too).
+    pub tls_cert: Option<PathBuf>,
+    /// PKCS#8 PEM key for the Postgres listener.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ListenConfig {
@@ -71,6 +77,9 @@ impl Default for ListenConfig {
         Self {
             grpc: SocketAddr::from(([127, 0, 0, 1], 4317)),
             http: SocketAddr::from(([127, 0, 0, 1], 4318)),
+            postgres: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

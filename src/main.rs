@@ -85,6 +85,9 @@ struct ServeArgs {
     /// OTLP/gRPC listen address.
     #[arg(long, env = "SPANLAKE_GRPC_LISTEN")]
     grpc_listen: Option<std::net::SocketAddr>,
+    /// Postgres wire protocol listen address (default 127.0.0.1:5433).
+    #[arg(long, env = "SPANLAKE_PG_LISTEN")]
+    pg_listen: Option<std::net::SocketAddr>,
     /// `fsync` (default) or `none`.
     #[arg(long, env = "SPANLAKE_DURABILITY")]
     durability: Option<String>,
@@ -136,6 +139,9 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()
     }
     if let Some(a) = args.grpc_listen {
         config.listen.grpc = a;
+    }
+    if let Some(a) = args.pg_listen {
+        config.listen.postgres = a;
     }
     if let Some(d) = &args.durability {
         config.storage.durability = match d.as_str() {

@@ -54,7 +54,7 @@ pub async fn serve(
     let (engine, store_counters, faults) = open_engine(&config).await?;
     let query_metrics: Arc<QueryMetrics> = Arc::default();
     let mut query_config = config.query();
-    query_config.runtime = Some(query_runtime);
+    query_config.runtime = Some(query_runtime.clone());
     let query = Arc::new(
         QueryEngine::new(
             Arc::clone(engine.store()),
@@ -107,14 +107,45 @@ pub async fn serve(
     let grpc_listener = tokio::net::TcpListener::bind(config.listen.grpc)
         .await
         .with_context(|| format!("cannot listen on {} (gRPC)", config.listen.grpc))?;
+    // The Postgres frontend binds its own listener: check the address first for a clear error.
+    std::net::TcpListener::bind(config.listen.postgres)
+        .with_context(|| format!("cannot listen on {} (Postgres)", config.listen.postgres))?;
+    spanlake_query::pg::install_pg_catalog(&query)?;
+    let pg_config = spanlake_query::pg::PgConfig {
+        listen: config.listen.postgres,
+        tls: match (&config.listen.tls_cert, &config.listen.tls_key) {
+            (Some(c), Some(k)) => Some((c.display().to_string(), k.display().to_string())),
+            _ => None,
+        },
+        ..Default::default()
+    };
+    // Postgres sessions run on the query runtime, away from the threads that answer ingest.
+    let pg = {
+        let query = Arc::clone(&query);
+        query_runtime.spawn(async move {
+            if let Err(e) = spanlake_query::pg::serve(&query, &pg_config).await {
+                tracing::error!(error = %e, "Postgres listener stopped");
+            }
+        })
+    };
     tracing::info!(
         http = %http_listener.local_addr()?,
         grpc = %grpc_listener.local_addr()?,
+        postgres = %config.listen.postgres,
         location = %config.location_url(),
         wal = %config.wal_dir().display(),
         "spanlake serving"
     );
 
+    // Ready means every listener answers: wait for the Postgres one before serving HTTP (and so
+    // /health).
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(config.listen.postgres).await.is_ok() || pg.is_finished()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let http = {
         let mut stop = stop_rx.clone();
         task::spawn(async move {
@@ -144,6 +175,7 @@ pub async fn serve(
     shutdown_signal().await;
     tracing::info!("stopping: no new requests; flushing what is buffered");
     let _ = stop_tx.send(true);
+    pg.abort();
     let (h, g) = tokio::join!(http, grpc);
     if let Ok(Err(e)) = h {
         tracing::warn!(error = %e, "HTTP server stopped with an error");

@@ -258,23 +258,26 @@ async fn run(ctx: SessionContext, sql: String) -> Result<QueryResult> {
 /// Refuses every statement that is not a query, before planning.
 pub fn check_read_only(statement: &DfStatement) -> Result<()> {
     let what = match statement {
-        DfStatement::Statement(s) => match s.as_ref() {
-            Statement::Query(_) | Statement::Explain { .. } | Statement::ExplainTable { .. } => {
-                return Ok(());
-            }
-            Statement::ShowTables { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::ShowVariable { .. } => {
-                return Ok(());
-            }
-            other => statement_kind(other),
-        },
+        DfStatement::Statement(s) => return check_read_only_statement(s),
         DfStatement::Explain(_) => return Ok(()),
         DfStatement::CreateExternalTable(_) => "CREATE EXTERNAL TABLE".to_string(),
         DfStatement::CopyTo(_) => "COPY".to_string(),
         DfStatement::Reset(_) => "RESET".to_string(),
     };
     Err(Error::Forbidden { what })
+}
+
+/// Refuses a SQL statement that is not a query.
+pub fn check_read_only_statement(statement: &Statement) -> Result<()> {
+    match statement {
+        Statement::Query(_)
+        | Statement::Explain { .. }
+        | Statement::ExplainTable { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowVariable { .. } => Ok(()),
+        other => Err(Error::Forbidden { what: statement_kind(other) }),
+    }
 }
 
 fn statement_kind(s: &Statement) -> String {

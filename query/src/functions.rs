@@ -20,8 +20,60 @@ use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::SessionContext;
 use spanlake_engine::pricing::PriceTable;
 
-/// Registers spanlake's functions.
+/// What `current_setting(name)` answers: the settings Postgres clients ask about (Grafana's
+/// version probe, search path resolution in table pickers, psql).
+pub fn pg_setting(name: &str) -> Option<&'static str> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "server_version_num" => "160000",
+        "server_version" => "16.0",
+        "search_path" => "public",
+        "timezone" => "UTC",
+        "datestyle" => "ISO, MDY",
+        "standard_conforming_strings" => "on",
+        "client_encoding" | "server_encoding" => "UTF8",
+        "integer_datetimes" => "on",
+        "max_identifier_length" => "63",
+        "transaction_isolation" | "default_transaction_isolation" => "read committed",
+        "transaction_read_only" | "default_transaction_read_only" => "on",
+        _ => return None,
+    })
+}
+
+/// Registers the functions spanlake adds to DataFusion's: `llm_cost` and `current_setting`.
 pub fn register(ctx: &SessionContext, prices: Arc<PriceTable>) {
+    let current_setting = create_udf(
+        "current_setting",
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(|args: &[ColumnarValue]| -> datafusion::error::Result<ColumnarValue> {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let names = cast(&arrays[0], &DataType::Utf8)
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?;
+            let names = names.as_any().downcast_ref::<StringArray>().expect("utf8");
+            let mut out = Vec::with_capacity(names.len());
+            for name in names.iter() {
+                match name {
+                    None => out.push(None),
+                    Some(n) => match pg_setting(n) {
+                        Some(v) => out.push(Some(v)),
+                        None => {
+                            return Err(DataFusionError::Plan(format!(
+                                "unrecognized configuration parameter \"{n}\""
+                            )));
+                        }
+                    },
+                }
+            }
+            let array: ArrayRef = Arc::new(StringArray::from(out));
+            Ok(if args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {
+                ColumnarValue::Scalar(datafusion::common::ScalarValue::try_from_array(&array, 0)?)
+            } else {
+                ColumnarValue::Array(array)
+            })
+        }),
+    );
+    ctx.register_udf(current_setting);
     let llm_cost = create_udf(
         "llm_cost",
         vec![DataType::Utf8, DataType::Int64, DataType::Int64],

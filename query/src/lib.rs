@@ -8,6 +8,7 @@
 //! * [`format`] — results as JSON, CSV, Arrow IPC or a table for people;
 //! * [`trace`] — a whole trace by id as a span tree, found through the trace index;
 //! * [`admin`] — deletion of spans by predicate;
+//! * [`pg`] — the Postgres wire protocol (psql, Grafana, BI tools) behind the SQL sandbox;
 //! * [`http`] — `POST /v1/sql`, `GET /v1/traces/{id}`, `POST /v1/admin/delete`.
 //!
 //! Depends on `spanlake-engine` only.
@@ -19,8 +20,11 @@ mod error;
 pub mod format;
 pub mod functions;
 pub mod http;
+pub mod pg;
 pub mod provider;
 pub mod trace;
 
-pub use engine::{QueryConfig, QueryEngine, QueryMetrics, QueryResult, check_read_only};
+pub use engine::{
+    QueryConfig, QueryEngine, QueryMetrics, QueryResult, check_read_only, check_read_only_statement,
+};
 pub use error::{Error, Result};

@@ -63,6 +63,8 @@ pub struct TestServer {
     pub http_port: u16,
     /// OTLP/gRPC port.
     pub grpc_port: u16,
+    /// Postgres wire protocol port.
+    pub pg_port: u16,
     extra: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -96,6 +98,7 @@ impl TestServer {
             _tmp: Some(tmp),
             http_port: free_port(),
             grpc_port: free_port(),
+            pg_port: free_port(),
             extra: options.args,
             env: options.env,
             log,
@@ -121,6 +124,8 @@ impl TestServer {
             .arg(format!("127.0.0.1:{}", self.http_port))
             .arg("--grpc-listen")
             .arg(format!("127.0.0.1:{}", self.grpc_port))
+            .arg("--pg-listen")
+            .arg(format!("127.0.0.1:{}", self.pg_port))
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log);

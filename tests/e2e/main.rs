@@ -5,4 +5,5 @@ mod crash;
 mod durability;
 mod harness;
 mod lifecycle;
+mod postgres;
 mod sdk_export;

@@ -1,0 +1,244 @@
+//! The Postgres wire protocol, through clients nobody here wrote: `psql` and `tokio-postgres`
+//! (extended protocol, parameters, binary results), plus what Grafana's PostgreSQL datasource
+//! sends (simple protocol, `-- ping`, its version and TimescaleDB probes, macro-expanded time
+//! filters).
+
+use std::io::Write as _;
+use std::process::Command;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use prost::Message as _;
+
+use crate::harness::TestServer;
+
+const BASE_NS: u64 = 1_795_468_500_000_000_000; // 2026-11-23T21:15:00Z
+
+/// 40 LLM spans: user u-0..u-3 (10 each), input tokens 100 + i, model m-0/m-1 alternating.
+fn send_spans(server: &TestServer) {
+    let kv = |k: &str, v: any_value::Value| KeyValue {
+        key: k.into(),
+        value: Some(AnyValue { value: Some(v) }),
+        ..Default::default()
+    };
+    let spans = (0..40u64)
+        .map(|i| Span {
+            trace_id: [7u8; 8].iter().copied().chain((i / 4).to_be_bytes()).collect(),
+            span_id: (i + 1).to_be_bytes().to_vec(),
+            name: "chat".into(),
+            start_time_unix_nano: BASE_NS + i * 60_000_000_000,
+            end_time_unix_nano: BASE_NS + i * 60_000_000_000 + 250_000_000,
+            attributes: vec![
+                kv("gen_ai.operation.name", any_value::Value::StringValue("chat".into())),
+                kv("gen_ai.request.model", any_value::Value::StringValue(format!("m-{}", i % 2))),
+                kv("gen_ai.usage.input_tokens", any_value::Value::IntValue(100 + i as i64)),
+                kv("gen_ai.usage.output_tokens", any_value::Value::IntValue(1)),
+                kv("user.id", any_value::Value::StringValue(format!("u-{}", i % 4))),
+            ],
+            ..Default::default()
+        })
+        .collect();
+    let body = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    let (status, _) = server.post_traces("application/x-protobuf", body, None);
+    assert_eq!(status, 200);
+}
+
+fn psql(server: &TestServer, sql: &str) -> (bool, String, String) {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.pg_port.to_string(),
+            "-U",
+            "grafana",
+            "-d",
+            "spanlake",
+        ])
+        .args(["-X", "-A", "-t", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql is installed");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+#[test]
+fn psql_answers_queries_and_describes_tables() {
+    let server = TestServer::start();
+    send_spans(&server);
+    let sum: i64 = (0..40).map(|i| 100 + i).sum();
+    assert_eq!(
+        psql(&server, "SELECT count(*), sum(input_tokens) FROM spans").1,
+        format!("40|{sum}")
+    );
+    let (ok, out, err) = psql(&server, "\\dt");
+    assert!(ok, "{err}");
+    assert!(out.contains("public|spans|table"), "{out}");
+    let (ok, out, err) = psql(&server, "\\d spans");
+    assert!(ok, "{err}");
+    assert!(out.contains("trace_id|text"), "{out}");
+    assert!(out.contains("start_time|timestamp with time zone"), "{out}");
+    assert!(out.contains("input_tokens|bigint"), "{out}");
+    // Refused statements say why and leave the server serving.
+    let (ok, _, err) = psql(&server, "DROP TABLE spans");
+    assert!(!ok);
+    assert!(err.contains("DROP TABLE is not allowed: only read queries"), "{err}");
+    let (ok, _, err) = psql(&server, "SET datafusion.execution.batch_size = 1");
+    assert!(!ok);
+    assert!(err.contains("engine settings cannot be changed over the network"), "{err}");
+    let (ok, _, err) = psql(&server, "COPY spans TO '/tmp/x.csv'");
+    assert!(!ok, "{err}");
+    assert_eq!(psql(&server, "SELECT count(*) FROM spans").1, "40");
+}
+
+#[test]
+fn grafana_queries_run_over_the_simple_protocol() {
+    let server = TestServer::start();
+    send_spans(&server);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=grafana dbname=spanlake", server.pg_port),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
+        let _conn = tokio::spawn(conn);
+        let text = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<Vec<String>> {
+            msgs.into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                        (0..r.len()).map(|i| r.get(i).unwrap_or("NULL").to_string()).collect(),
+                    ),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Health check and config page probes.
+        client.simple_query("-- ping").await.expect("ping");
+        let v = text(
+            client
+                .simple_query("SELECT current_setting('server_version_num')::int/100 as version")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(v, vec![vec!["1600".to_string()]]);
+        let ext = text(
+            client
+                .simple_query("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+                .await
+                .unwrap(),
+        );
+        assert!(ext.is_empty());
+        // Session settings and several statements in one string.
+        let rows = text(client.simple_query("SET TIME ZONE 'UTC'; SELECT 1").await.unwrap());
+        assert_eq!(rows, vec![vec!["1".to_string()]]);
+        // $__timeGroupAlias(start_time, 10m) and $__timeFilter(start_time) as Grafana expands them.
+        let rows = text(
+            client
+                .simple_query(
+                    "SELECT floor(extract(epoch from start_time)/600)*600 AS \"time\", model, sum(input_tokens) \
+                     FROM spans WHERE start_time BETWEEN '2026-11-23T21:00:00Z' AND '2026-11-23T21:45:00Z' \
+                     GROUP BY 1, 2 ORDER BY 1, 2",
+                )
+                .await
+                .unwrap(),
+        );
+        // Spans i = 0..=30 start in the window (one a minute from 21:15); 10-minute buckets.
+        let mut buckets: std::collections::BTreeMap<(i64, i64), i64> = Default::default();
+        for i in 0..=30i64 {
+            let t = (BASE_NS / 1_000_000_000) as i64 + 60 * i;
+            *buckets.entry((t - t.rem_euclid(600), i % 2)).or_default() += 100 + i;
+        }
+        let expected: Vec<Vec<String>> = buckets
+            .into_iter()
+            .map(|((t, m), sum)| vec![t.to_string(), format!("m-{m}"), sum.to_string()])
+            .collect();
+        let got: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|r| vec![r[0].trim_end_matches(".0").to_string(), r[1].clone(), r[2].clone()])
+            .collect();
+        assert_eq!(got, expected);
+    });
+}
+
+#[test]
+fn extended_protocol_with_parameters_and_binary_results() {
+    let server = TestServer::start();
+    send_spans(&server);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=app dbname=spanlake", server.pg_port),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
+        let _conn = tokio::spawn(conn);
+        let stmt = client
+            .prepare("SELECT user_id, count(*) AS n, sum(input_tokens) AS t, min(start_time) AS first, avg(duration_ms) AS d FROM spans WHERE user_id = $1 GROUP BY user_id")
+            .await
+            .unwrap_or_else(|e| panic!("prepare: {e:?}"));
+        let types: Vec<String> = stmt.columns().iter().map(|c| c.type_().name().to_string()).collect();
+        assert_eq!(types, ["text", "int8", "int8", "timestamptz", "float8"]);
+        for u in 0..4i64 {
+            let rows = client
+                .query(&stmt, &[&format!("u-{u}")])
+                .await
+                .unwrap_or_else(|e| panic!("query: {e:?}"));
+            assert_eq!(rows.len(), 1);
+            let n: i64 = rows[0].get("n");
+            let t: i64 = rows[0].get("t");
+            let first: std::time::SystemTime = rows[0].get("first");
+            let d: f64 = rows[0].get("d");
+            let ids: Vec<i64> = (0..40).filter(|i| i % 4 == u).collect();
+            assert_eq!(n, 10);
+            assert_eq!(t, ids.iter().map(|i| 100 + i).sum::<i64>());
+            let first_ns = first.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+            assert_eq!(first_ns, BASE_NS + ids[0] as u64 * 60_000_000_000);
+            assert_eq!(d, 250.0);
+        }
+        let err = client.query("DELETE FROM spans", &[]).await.unwrap_err();
+        let msg = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+        assert!(msg.starts_with("DELETE FROM is not allowed: only read queries"), "{err:?}");
+        let n: i64 = client.query_one("SELECT count(*) FROM spans", &[]).await.unwrap().get(0);
+        assert_eq!(n, 40);
+    });
+}
+
+#[test]
+fn malformed_protocol_messages_leave_the_server_serving() {
+    let server = TestServer::start();
+    send_spans(&server);
+    for garbage in
+        [&b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], b"GET / HTTP/1.1\r\n\r\n", &[0xff; 64]]
+    {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", server.pg_port)).unwrap();
+        let _ = s.write_all(garbage);
+        drop(s);
+    }
+    // A client that goes away in the middle of a query.
+    let child = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &server.pg_port.to_string(), "-U", "x", "-X", "-c"])
+        .arg("SELECT count(DISTINCT a.span_id || b.span_id || c.span_id || d.span_id) FROM spans a, spans b, spans c, spans d")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(psql(&server, "SELECT count(*) FROM spans").1, "40");
+}
