@@ -222,6 +222,8 @@ pub struct QuerySettings {
     pub timeout: HumanDuration,
     /// Parallelism of one query (defaults to the number of cores).
     pub target_partitions: Option<usize>,
+    /// Evaluate filters while decoding Parquet (late materialisation).
+    pub pushdown_filters: bool,
 }
 
 impl Default for QuerySettings {
@@ -231,6 +233,7 @@ impl Default for QuerySettings {
             memory_limit: ByteSize(q.memory_limit_bytes as u64),
             timeout: HumanDuration(q.timeout),
             target_partitions: None,
+            pushdown_filters: q.pushdown_filters,
         }
     }
 }
@@ -376,6 +379,7 @@ impl Config {
             memory_limit_bytes: self.query.memory_limit.0 as usize,
             timeout: self.query.timeout.0,
             spill_dir: Some(self.data_dir.join("spill")),
+            pushdown_filters: self.query.pushdown_filters,
             ..Default::default()
         };
         if let Some(n) = self.query.target_partitions {

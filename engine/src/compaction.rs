@@ -66,7 +66,7 @@ impl Default for MaintenanceConfig {
             interval: Duration::from_secs(30),
             min_files: 8,
             target_file_bytes: 128 << 20,
-            max_input_bytes: 1 << 30,
+            max_input_bytes: 256 << 20,
             retention: None,
             file_delete_delay: Duration::from_secs(60),
             orphan_interval: Duration::from_secs(3600),

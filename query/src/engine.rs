@@ -34,6 +34,9 @@ pub struct QueryConfig {
     /// The runtime queries execute on; a separate one keeps heavy queries from starving the
     /// ingest path's threads. The caller's runtime when unset.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Evaluate filters while decoding Parquet (late materialisation). Helps selective filters
+    /// on wide rows (a trace id, a substring in prompts), costs on filters that keep most rows.
+    pub pushdown_filters: bool,
 }
 
 impl Default for QueryConfig {
@@ -44,6 +47,7 @@ impl Default for QueryConfig {
             spill_dir: None,
             timeout: Duration::from_secs(300),
             runtime: None,
+            pushdown_filters: true,
         }
     }
 }
@@ -156,7 +160,7 @@ impl QueryEngine {
             .with_target_partitions(config.target_partitions.max(1))
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public")
-            .set_bool("datafusion.execution.parquet.pushdown_filters", true)
+            .set_bool("datafusion.execution.parquet.pushdown_filters", config.pushdown_filters)
             .set_bool("datafusion.execution.parquet.reorder_filters", true)
             .set_str("datafusion.sql_parser.dialect", "PostgreSQL")
             // What a sort keeps back for merging its spill files must fit in the pool.

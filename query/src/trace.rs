@@ -277,7 +277,10 @@ mod tests {
         assert_eq!(roots[1]["span_id"], "e");
         assert_eq!(roots[1]["parent_missing"], true);
         let text = render_text(&t);
-        assert!(text.contains("\n      op-d [llm] 1.0 ms  tokens=10/5  cost=$0.500000\n"), "{text}");
+        assert!(
+            text.contains("\n      op-d [llm] 1.0 ms  tokens=10/5  cost=$0.500000\n"),
+            "{text}"
+        );
     }
 
     #[test]
