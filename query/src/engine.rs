@@ -47,7 +47,7 @@ impl Default for QueryConfig {
             spill_dir: None,
             timeout: Duration::from_secs(300),
             runtime: None,
-            pushdown_filters: true,
+            pushdown_filters: false,
         }
     }
 }
