@@ -33,6 +33,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Compaction of small files.
     pub compaction: CompactionSettings,
+    /// The Postgres wire protocol frontend.
+    pub postgres: PostgresSettings,
     /// Query engine settings.
     pub query: QuerySettings,
     /// Model prices for `cost_usd`.
@@ -50,6 +52,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
             compaction: CompactionSettings::default(),
+            postgres: PostgresSettings::default(),
             query: QuerySettings::default(),
             pricing: PricingConfig::default(),
         }
@@ -180,6 +183,24 @@ impl Default for StorageConfig {
             orphan_grace: HumanDuration(e.orphan_grace),
         }
     }
+}
+
+/// Postgres frontend settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// Users allowed to connect; none: any user name, no password.
+    pub users: Vec<PostgresUser>,
+}
+
+/// One Postgres user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresUser {
+    /// User name.
+    pub name: String,
+    /// Password.
+    pub password: String,
 }
 
 /// Compaction settings.

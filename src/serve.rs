@@ -117,8 +117,14 @@ pub async fn serve(
             (Some(c), Some(k)) => Some((c.display().to_string(), k.display().to_string())),
             _ => None,
         },
+        users: config.postgres.users.iter().map(|u| (u.name.clone(), u.password.clone())).collect(),
         ..Default::default()
     };
+    if pg_config.users.is_empty() {
+        tracing::info!(
+            "Postgres listener accepts any user without a password ([[postgres.users]] sets passwords)"
+        );
+    }
     // Postgres sessions run on the query runtime, away from the threads that answer ingest.
     let pg = {
         let query = Arc::clone(&query);

@@ -5,12 +5,16 @@
 //! query cancellation, `pg_catalog` and `information_schema` for the tools that ask them
 //! (`datafusion-pg-catalog`), `SET`/`SHOW`, transactions and cursors as no-op-safe hooks.
 //!
+//! With users configured (`[[postgres.users]]`), clients authenticate with a password
+//! (cleartext password message: use TLS off localhost); without, any user name is accepted.
+//!
 //! spanlake adds its SQL sandbox in front of every statement ([`SandboxHook`]): only read
 //! queries, `SHOW`, `EXPLAIN`, transaction statements, cursors and `SET` of Postgres session
 //! settings (time zone, date style, application name, ...) pass. DDL, DML, `COPY` and `SET` of
 //! engine settings (`datafusion.*`, which could lift the memory or time limits) are refused
 //! with SQLSTATE 42501 and a message saying why.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -26,10 +30,19 @@ use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::hooks::cursor::CursorStatementHook;
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
-use datafusion_postgres::{ServerOptions, serve_with_hooks};
-use pgwire::api::ClientInfo;
+use datafusion_postgres::{DfSessionService, ServerOptions, serve_with_handlers};
+use futures::Sink;
+use pgwire::api::auth::cleartext::CleartextPasswordAuthStartupHandler;
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::Response;
+use pgwire::api::{ClientInfo, ConnectionManager, PgWireServerHandlers};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
 use crate::engine::{QueryEngine, check_read_only_statement};
 
@@ -42,11 +55,18 @@ pub struct PgConfig {
     pub tls: Option<(String, String)>,
     /// Connections served at once (0: no limit).
     pub max_connections: usize,
+    /// User names and passwords; empty accepts any user without a password.
+    pub users: Vec<(String, String)>,
 }
 
 impl Default for PgConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 5433)), tls: None, max_connections: 256 }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            tls: None,
+            max_connections: 256,
+            users: Vec::new(),
+        }
     }
 }
 
@@ -142,5 +162,100 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
         Arc::new(SetShowHook),
         Arc::new(TransactionStatementHook),
     ];
-    serve_with_hooks(Arc::new(engine.context().clone()), &opts, hooks).await
+    let service =
+        Arc::new(DfSessionService::new_with_hooks(Arc::new(engine.context().clone()), hooks));
+    let connections = Arc::new(ConnectionManager::new());
+    let password = (!config.users.is_empty()).then(|| {
+        let users: HashMap<String, String> = config.users.iter().cloned().collect();
+        CleartextPasswordAuthStartupHandler::new(
+            ConfigUsers(Arc::new(users)),
+            DefaultServerParameterProvider::default(),
+        )
+        .with_connection_manager(Arc::clone(&connections))
+    });
+    let handlers = Handlers {
+        service,
+        startup: Arc::new(Startup { password, open: OpenStartup(Arc::clone(&connections)) }),
+        cancel: Arc::new(DefaultCancelHandler::new(connections)),
+    };
+    serve_with_handlers(Arc::new(handlers), &opts).await
+}
+
+/// The users of `[[postgres.users]]`.
+#[derive(Debug)]
+struct ConfigUsers(Arc<HashMap<String, String>>);
+
+#[async_trait]
+impl AuthSource for ConfigUsers {
+    #[expect(
+        elided_lifetimes_in_paths,
+        reason = "the trait's signature elides it; naming it makes async_trait bind it early"
+    )]
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default();
+        match self.0.get(user) {
+            Some(p) => Ok(Password::new(None, p.as_bytes().to_vec())),
+            // The same answer as a wrong password: whether a user exists is not revealed.
+            None => Err(PgWireError::InvalidPassword(user.to_string())),
+        }
+    }
+}
+
+/// Startup without authentication (no users configured).
+struct OpenStartup(Arc<ConnectionManager>);
+
+impl NoopStartupHandler for OpenStartup {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+/// Password authentication when users are configured, none otherwise.
+struct Startup {
+    password:
+        Option<CleartextPasswordAuthStartupHandler<ConfigUsers, DefaultServerParameterProvider>>,
+    open: OpenStartup,
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match &self.password {
+            Some(p) => p.on_startup(client, message).await,
+            None => self.open.on_startup(client, message).await,
+        }
+    }
+}
+
+struct Handlers {
+    service: Arc<DfSessionService>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::clone(&self.service)
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::clone(&self.service)
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::clone(&self.startup)
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::clone(&self.cancel)
+    }
 }

@@ -242,3 +242,39 @@ fn malformed_protocol_messages_leave_the_server_serving() {
     let _ = child.wait();
     assert_eq!(psql(&server, "SELECT count(*) FROM spans").1, "40");
 }
+
+#[test]
+fn passwords_are_checked_when_users_are_configured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("spanlake.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[postgres.users]]\nname = \"grafana\"\npassword = \"s3cret\"\n",
+    )
+    .unwrap();
+    let server = crate::harness::TestServer::start_with(crate::harness::ServerOptions {
+        env: vec![("SPANLAKE_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    });
+    send_spans(&server);
+    let run = |user: &str, password: &str| {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &server.pg_port.to_string(), "-U", user, "-d", "x"])
+            .args(["-X", "-A", "-t", "-w", "-c", "SELECT count(*) FROM spans"])
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(run("grafana", "s3cret").0, "40");
+    let (out, err) = run("grafana", "wrong");
+    assert_eq!(out, "");
+    assert!(err.contains("assword authentication failed for user \"grafana\""), "{err}");
+    let (out, err) = run("nobody", "s3cret");
+    assert_eq!(out, "");
+    assert!(err.contains("assword authentication failed for user \"nobody\""), "{err}");
+    assert_eq!(run("grafana", "s3cret").0, "40", "still serving");
+}
