@@ -141,6 +141,83 @@ impl QueryHook for SandboxHook {
     }
 }
 
+/// Grafana's table picker asks for the tables of the schemas on `search_path`, with a
+/// subquery over `current_setting('search_path')` that the Postgres compatibility layer
+/// replaces by an empty list before spanlake sees it (so the picker would show nothing). This
+/// hook recognises that query and answers it: the tables and views of `public`, the schema
+/// spanlake's `search_path` names.
+#[derive(Debug)]
+pub struct GrafanaTablePickerHook;
+
+/// Whether `statement` is Grafana's table picker query (after the compatibility rewrite).
+pub fn is_grafana_table_picker(statement: &Statement) -> bool {
+    let text = statement.to_string();
+    text.contains("quote_ident(table_name) AS \"table\"")
+        && text.contains("information_schema.tables")
+        && text.contains("'timescaledb_information'")
+}
+
+const TABLE_PICKER_ANSWER: &str = "SELECT quote_ident(table_name) AS \"table\" FROM information_schema.tables \
+     WHERE table_schema = 'public' AND table_type IN ('BASE TABLE', 'VIEW') ORDER BY 1";
+
+#[async_trait]
+impl QueryHook for GrafanaTablePickerHook {
+    async fn handle_simple_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        if !is_grafana_table_picker(statement) {
+            return None;
+        }
+        let answer = async {
+            let df = ctx
+                .sql(TABLE_PICKER_ANSWER)
+                .await
+                .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+            let resp = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
+                df,
+                &pgwire::api::portal::Format::UnifiedText,
+                None,
+            )
+            .await?;
+            Ok(Response::Query(resp))
+        };
+        Some(answer.await)
+    }
+
+    async fn handle_extended_parse_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> Option<PgWireResult<LogicalPlan>> {
+        if !is_grafana_table_picker(statement) {
+            return None;
+        }
+        let plan = async {
+            let df = ctx
+                .sql(TABLE_PICKER_ANSWER)
+                .await
+                .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+            Ok(df.into_unoptimized_plan())
+        };
+        Some(plan.await)
+    }
+
+    async fn handle_extended_query(
+        &self,
+        _statement: &Statement,
+        _plan: &LogicalPlan,
+        _params: &ParamValues,
+        _ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        None
+    }
+}
+
 /// Adds `pg_catalog` (and the Postgres functions clients call) to the engine's context.
 pub fn install_pg_catalog(engine: &QueryEngine) -> crate::Result<()> {
     setup_pg_catalog(engine.context(), "datafusion", Arc::new(AuthManager::default()))
@@ -158,6 +235,7 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     }
     let hooks: Vec<Arc<dyn QueryHook>> = vec![
         Arc::new(SandboxHook),
+        Arc::new(GrafanaTablePickerHook),
         Arc::new(CursorStatementHook),
         Arc::new(SetShowHook),
         Arc::new(TransactionStatementHook),

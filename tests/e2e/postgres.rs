@@ -142,6 +142,34 @@ fn grafana_queries_run_over_the_simple_protocol() {
                 .unwrap(),
         );
         assert!(ext.is_empty());
+        // The table picker of the query editor (Grafana's postgresMetaQuery, verbatim).
+        let tables = text(
+            client
+                .simple_query(
+                    "select quote_ident(table_name) as \"table\" from information_schema.tables
+    where quote_ident(table_schema) not in ('information_schema',
+                             'pg_catalog',
+                             '_timescaledb_cache',
+                             '_timescaledb_catalog',
+                             '_timescaledb_internal',
+                             '_timescaledb_config',
+                             'timescaledb_information',
+                             'timescaledb_experimental')
+      and table_type = 'BASE TABLE' and quote_ident(table_schema) IN (
+      SELECT
+        CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END
+      FROM
+        generate_series(
+          array_lower(string_to_array(current_setting('search_path'),','),1),
+          array_upper(string_to_array(current_setting('search_path'),','),1)
+        ) as i,
+        string_to_array(current_setting('search_path'),',') s
+      )",
+                )
+                .await
+                .unwrap(),
+        );
+        assert_eq!(tables, vec![vec!["sessions".to_string()], vec!["spans".into()], vec!["traces".into()]]);
         // Session settings and several statements in one string.
         let rows = text(client.simple_query("SET TIME ZONE 'UTC'; SELECT 1").await.unwrap());
         assert_eq!(rows, vec![vec!["1".to_string()]]);
