@@ -118,6 +118,7 @@ pub async fn serve(
             _ => None,
         },
         users: config.postgres.users.iter().map(|u| (u.name.clone(), u.password.clone())).collect(),
+        timeout: config.query.timeout.0,
         ..Default::default()
     };
     if pg_config.users.is_empty() {

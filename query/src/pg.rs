@@ -40,7 +40,10 @@ use pgwire::api::auth::{
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::Response;
-use pgwire::api::{ClientInfo, ConnectionManager, PgWireServerHandlers};
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionHandle, ConnectionManager, PgWireServerHandlers,
+};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
@@ -57,6 +60,8 @@ pub struct PgConfig {
     pub max_connections: usize,
     /// User names and passwords; empty accepts any user without a password.
     pub users: Vec<(String, String)>,
+    /// Longest a query may run (simple protocol).
+    pub timeout: std::time::Duration,
 }
 
 impl Default for PgConfig {
@@ -66,6 +71,7 @@ impl Default for PgConfig {
             tls: None,
             max_connections: 256,
             users: Vec::new(),
+            timeout: std::time::Duration::from_secs(300),
         }
     }
 }
@@ -252,6 +258,7 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
         .with_connection_manager(Arc::clone(&connections))
     });
     let handlers = Handlers {
+        simple: Arc::new(Simple { inner: Arc::clone(&service), timeout: config.timeout }),
         service,
         startup: Arc::new(Startup { password, open: OpenStartup(Arc::clone(&connections)) }),
         cancel: Arc::new(DefaultCancelHandler::new(connections)),
@@ -314,7 +321,119 @@ impl StartupHandler for Startup {
     }
 }
 
+/// The simple query protocol (psql, Grafana) with cancellation and the query time limit:
+/// statements run as `DfSessionService` runs them, and their row streams stop with SQLSTATE
+/// 57014 when the client's cancel request arrives or the time limit passes (the DataFusion
+/// plan is dropped, which stops its tasks).
+struct Simple {
+    inner: Arc<DfSessionService>,
+    timeout: std::time::Duration,
+}
+
+fn cancelled(message: &str) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "57014".into(), message.into())))
+}
+
+/// What ends a guarded row stream early.
+enum Stop {
+    Row(Option<PgWireResult<pgwire::messages::data::DataRow>>),
+    Deadline,
+    Cancel,
+    CancelGone,
+}
+
+fn guard_rows(
+    rows: pgwire::api::results::SendableRowStream,
+    cancel: Option<futures::channel::oneshot::Receiver<()>>,
+    deadline: tokio::time::Instant,
+) -> pgwire::api::results::SendableRowStream {
+    use futures::StreamExt as _;
+    Box::pin(futures::stream::unfold(
+        (rows, cancel, false),
+        move |(mut rows, mut cancel, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let step = {
+                    let on_cancel = async {
+                        match cancel.as_mut() {
+                            Some(rx) => match rx.await {
+                                Ok(()) => Stop::Cancel,
+                                Err(_) => Stop::CancelGone,
+                            },
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        r = rows.next() => Stop::Row(r),
+                        () = tokio::time::sleep_until(deadline) => Stop::Deadline,
+                        s = on_cancel => s,
+                    }
+                };
+                return match step {
+                    Stop::Row(None) => None,
+                    Stop::Row(Some(r)) => Some((r, (rows, cancel, false))),
+                    Stop::Deadline => Some((
+                        Err(cancelled("canceling statement due to statement timeout")),
+                        (rows, cancel, true),
+                    )),
+                    Stop::Cancel => Some((
+                        Err(cancelled("canceling statement due to user request")),
+                        (rows, cancel, true),
+                    )),
+                    Stop::CancelGone => {
+                        cancel = None;
+                        continue;
+                    }
+                };
+            }
+        },
+    ))
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Simple {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let handle = client.session_extensions().get::<Arc<ConnectionHandle>>();
+        let cancel = match &handle {
+            Some(h) => Some(h.start_query().await),
+            None => None,
+        };
+        let planned = tokio::time::timeout_at(
+            deadline,
+            SimpleQueryHandler::do_query(&*self.inner, client, query),
+        )
+        .await;
+        let responses =
+            planned.map_err(|_| cancelled("canceling statement due to statement timeout"))??;
+        // One cancel request ends the first streaming result; later ones in a multi-statement
+        // string run to completion (rare: clients send one heavy query at a time).
+        let mut cancel = cancel;
+        Ok(responses
+            .into_iter()
+            .map(|r| match r {
+                Response::Query(mut q) => {
+                    let rows =
+                        std::mem::replace(&mut q.data_rows, Box::pin(futures::stream::empty()));
+                    q.data_rows = guard_rows(rows, cancel.take(), deadline);
+                    Response::Query(q)
+                }
+                other => other,
+            })
+            .collect())
+    }
+}
+
 struct Handlers {
+    simple: Arc<Simple>,
     service: Arc<DfSessionService>,
     startup: Arc<Startup>,
     cancel: Arc<DefaultCancelHandler>,
@@ -322,7 +441,7 @@ struct Handlers {
 
 impl PgWireServerHandlers for Handlers {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        Arc::clone(&self.service)
+        Arc::clone(&self.simple)
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {

@@ -306,3 +306,60 @@ fn passwords_are_checked_when_users_are_configured() {
     assert!(err.contains("assword authentication failed for user \"nobody\""), "{err}");
     assert_eq!(run("grafana", "s3cret").0, "40", "still serving");
 }
+
+/// A query far too slow to finish (a distinct count over 40^5 rows).
+const SLOW: &str = "SELECT count(DISTINCT a.span_id || b.span_id || c.span_id || d.span_id || e.span_id) FROM spans a, spans b, spans c, spans d, spans e";
+
+#[test]
+fn a_cancelled_query_stops_and_the_session_goes_on() {
+    let server = TestServer::start();
+    send_spans(&server);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=app", server.pg_port),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("connect");
+        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
+        let _conn = tokio::spawn(conn);
+        let token = client.cancel_token();
+        let slow =
+            tokio::time::timeout(std::time::Duration::from_secs(60), client.simple_query(SLOW));
+        let cancel = async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await
+        };
+        let (result, sent) = tokio::join!(slow, cancel);
+        sent.expect("cancel request sent");
+        let err = result.expect("cancelled well before 60 s").expect_err("the query was cancelled");
+        let db = err.as_db_error().expect("a server error");
+        assert_eq!(
+            (db.code().code(), db.message()),
+            ("57014", "canceling statement due to user request")
+        );
+        let rows = client.simple_query("SELECT count(*) FROM spans").await.unwrap();
+        let n = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(n.as_deref(), Some("40"));
+    });
+}
+
+#[test]
+fn the_query_time_limit_applies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("spanlake.toml");
+    std::fs::write(&config, "version = 1\n[query]\ntimeout = \"1s\"\n").unwrap();
+    let server = crate::harness::TestServer::start_with(crate::harness::ServerOptions {
+        env: vec![("SPANLAKE_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    });
+    send_spans(&server);
+    let (ok, _, err) = psql(&server, SLOW);
+    assert!(!ok);
+    assert!(err.contains("canceling statement due to statement timeout"), "{err}");
+    assert_eq!(psql(&server, "SELECT count(*) FROM spans").1, "40");
+}
