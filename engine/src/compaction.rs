@@ -49,7 +49,9 @@ pub struct MaintenanceConfig {
     pub min_files: usize,
     /// Size of the files compaction writes.
     pub target_file_bytes: u64,
-    /// Arrow memory one compaction job may read at once (its input files decoded).
+    /// Arrow memory one compaction job may read at once (its input files decoded). A job
+    /// charges twice its input to the engine's memory budget while it runs, and is capped at a
+    /// quarter of the budget.
     pub max_input_bytes: u64,
     /// Spans older than this are removed, whole hour partitions at a time. `None` keeps all.
     pub retention: Option<Duration>,
@@ -187,10 +189,25 @@ impl Engine {
     /// Runs every compaction job due now. Returns the number of input files merged.
     pub async fn compact(&self) -> Result<usize> {
         let guard = self.maintenance_guard().await;
-        let jobs = plan(&self.store.files(), &self.config.maintenance, now_hour());
+        // Compaction's memory comes out of the one memory budget: a job's decoded input (and
+        // its sorted copy) may take at most half of it.
+        let mut config = self.config.maintenance.clone();
+        config.max_input_bytes = config.max_input_bytes.min(self.budget.limit() / 4);
+        let jobs = plan(&self.store.files(), &config, now_hour());
         let mut merged = 0;
         for job in jobs {
-            merged += self.compact_job(&guard, job).await?;
+            let charge = job.inputs.iter().map(|f| mem_estimate(f)).sum::<u64>().saturating_mul(2);
+            if self.budget.try_reserve(charge).is_err() {
+                tracing::debug!(
+                    hour = job.hour,
+                    charge,
+                    "compaction waits: the memory budget is in use by ingest"
+                );
+                continue;
+            }
+            let done = self.compact_job(&guard, job).await;
+            self.budget.release(charge);
+            merged += done?;
         }
         Ok(merged)
     }

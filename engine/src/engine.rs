@@ -91,7 +91,7 @@ pub struct Engine {
     pub(crate) store: Arc<SpanStore>,
     pub(crate) catalog: Catalog,
     wal: Wal,
-    budget: Arc<MemoryBudget>,
+    pub(crate) budget: Arc<MemoryBudget>,
     pub(crate) metrics: Arc<EngineMetrics>,
     node_id: String,
     pub(crate) config: EngineConfig,
