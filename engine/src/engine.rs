@@ -395,10 +395,39 @@ impl Engine {
     }
 
     /// Writes everything in memory to Parquet and commits it. Returns the rows flushed.
+    ///
+    /// The memory table is written in slices of about `flush_max_bytes` in LSN order, each its
+    /// own commit: a flush that fell behind does not copy the whole memory table at once (a
+    /// slice is concatenated and sorted, which takes two more copies of it).
     pub async fn flush(&self) -> Result<u64> {
         let _guard = self.flush_lock.lock().await;
+        let Some(target) = self.store.batches().iter().map(|b| b.lsn).max() else { return Ok(0) };
+        let mut rows = 0;
+        loop {
+            let mut batches = self.store.batches();
+            batches.sort_by_key(|b| b.lsn);
+            // A prefix in LSN order: every batch at or below the slice's highest LSN is in it,
+            // which is what the WAL mark of its commit promises.
+            let mut slice = Vec::new();
+            let mut bytes = 0u64;
+            for b in batches {
+                if b.lsn > target
+                    || (!slice.is_empty() && bytes + b.charged > self.config.flush_max_bytes)
+                {
+                    break;
+                }
+                bytes += b.charged;
+                slice.push(b);
+            }
+            if slice.is_empty() {
+                return Ok(rows);
+            }
+            rows += self.flush_slice(slice).await?;
+        }
+    }
+
+    async fn flush_slice(&self, batches: Vec<Arc<MemBatch>>) -> Result<u64> {
         let started = Instant::now();
-        let batches = self.store.batches();
         let Some(max_lsn) = batches.iter().map(|b| b.lsn).max() else { return Ok(0) };
         let writer = self.config.writer.clone();
         let encoded = on_cpu(move || -> Result<Vec<_>> {
