@@ -35,6 +35,7 @@ use crate::crash::CrashPoint;
 use crate::engine::Engine;
 use crate::error::{Error, Result, on_cpu};
 use crate::layout::HourPartition;
+use crate::trace_index::TraceFilter;
 use crate::writer::{encode_file, encode_sorted, sort_for_storage, split_at_traces};
 
 /// Settings of compaction, retention and file deletion.
@@ -243,17 +244,13 @@ impl Engine {
         let published = self.publish(encoded).await?;
         let outputs = published.len();
         let remove: Vec<String> = job.inputs.iter().map(|f| f.path.clone()).collect();
-        let change = self
-            .commit_files(
-                published,
-                remove,
-                None,
-                CrashPoint::CompactionBeforeCommit,
-                CrashPoint::CompactionAfterCommit,
-            )
-            .await?;
-        self.store.apply(&change, None);
-        self.schedule_delete(change.remove.clone());
+        self.swap_files(
+            published,
+            remove,
+            CrashPoint::CompactionBeforeCommit,
+            CrashPoint::CompactionAfterCommit,
+        )
+        .await?;
         self.metrics.compactions.add(1);
         self.metrics.compacted_files.add(job.inputs.len() as u64);
         self.metrics.spans_deduplicated.add(duplicates as u64);
@@ -308,17 +305,13 @@ impl Engine {
             return Ok(0);
         }
         let n = expired.len();
-        let change = self
-            .commit_files(
-                Vec::new(),
-                expired,
-                None,
-                CrashPoint::DeleteBeforeCommit,
-                CrashPoint::DeleteAfterCommit,
-            )
-            .await?;
-        self.store.apply(&change, None);
-        self.schedule_delete(change.remove.clone());
+        self.swap_files(
+            Vec::new(),
+            expired,
+            CrashPoint::DeleteBeforeCommit,
+            CrashPoint::DeleteAfterCommit,
+        )
+        .await?;
         self.metrics.retention_files.add(n as u64);
         drop(guard);
         tracing::info!(files = n, ?retention, "retention removed old partitions");
@@ -358,20 +351,31 @@ impl Engine {
         let published = self.publish(encoded).await?;
         let new_rows: u64 = published.iter().map(|(f, _)| f.rows).sum();
         let files_rewritten = remove.len();
-        let change = self
-            .commit_files(
-                published,
-                remove,
-                None,
-                CrashPoint::DeleteBeforeCommit,
-                CrashPoint::DeleteAfterCommit,
-            )
-            .await?;
-        self.store.apply(&change, None);
-        self.schedule_delete(change.remove.clone());
+        self.swap_files(
+            published,
+            remove,
+            CrashPoint::DeleteBeforeCommit,
+            CrashPoint::DeleteAfterCommit,
+        )
+        .await?;
         let rows_removed = old_rows.saturating_sub(new_rows);
         self.metrics.spans_deleted.add(rows_removed);
         Ok(ReplaceReport { files_rewritten, rows_removed })
+    }
+
+    /// Commits `added` in place of `remove` (one catalog version), shows the change to
+    /// readers and schedules the removed files' deletion.
+    async fn swap_files(
+        &self,
+        added: Vec<(DataFile, Arc<TraceFilter>)>,
+        remove: Vec<String>,
+        before: CrashPoint,
+        after: CrashPoint,
+    ) -> Result<()> {
+        let change = self.commit_files(added, remove, None, before, after).await?;
+        self.store.apply(&change, None);
+        self.schedule_delete(change.remove);
+        Ok(())
     }
 
     fn schedule_delete(&self, paths: Vec<String>) {

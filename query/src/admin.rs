@@ -63,7 +63,7 @@ pub async fn delete_where(
     let mut report = DeleteReport { files_scanned: files.len(), ..Default::default() };
     let mut replacements = Vec::new();
     for f in files {
-        let matches = count(&ctx, &store, &f, predicate, true).await?;
+        let matches = count_matching(&ctx, &store, &f, predicate).await?;
         if matches == 0 {
             continue;
         }
@@ -85,16 +85,15 @@ pub async fn delete_where(
     Ok(report)
 }
 
-async fn count(
+/// Rows of `file` for which `predicate` is true.
+async fn count_matching(
     ctx: &SessionContext,
     store: &Arc<SpanStore>,
     file: &Arc<DataFile>,
     predicate: &str,
-    matching: bool,
 ) -> Result<usize> {
     let df = ctx
         .read_table(Arc::new(SpansTable::over_files(Arc::clone(store), vec![Arc::clone(file)])))?;
     let expr = df.parse_sql_expr(predicate)?;
-    let expr = if matching { expr.is_true() } else { expr.is_not_true() };
-    Ok(df.filter(expr)?.count().await?)
+    Ok(df.filter(expr.is_true())?.count().await?)
 }

@@ -50,6 +50,19 @@ fn send_spans(server: &TestServer) {
     assert_eq!(status, 200);
 }
 
+/// A tokio-postgres session as `user`; its connection task runs on the caller's runtime.
+async fn connect(server: &TestServer, user: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user={user} dbname=spanlake", server.pg_port),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
+    let _conn = tokio::spawn(conn);
+    client
+}
+
 fn psql(server: &TestServer, sql: &str) -> (bool, String, String) {
     let out = Command::new("psql")
         .args([
@@ -108,14 +121,7 @@ fn grafana_queries_run_over_the_simple_protocol() {
     send_spans(&server);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={} user=grafana dbname=spanlake", server.pg_port),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect");
-        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
-        let _conn = tokio::spawn(conn);
+        let client = connect(&server, "grafana").await;
         let text = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<Vec<String>> {
             msgs.into_iter()
                 .filter_map(|m| match m {
@@ -208,14 +214,7 @@ fn extended_protocol_with_parameters_and_binary_results() {
     send_spans(&server);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={} user=app dbname=spanlake", server.pg_port),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect");
-        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
-        let _conn = tokio::spawn(conn);
+        let client = connect(&server, "app").await;
         let stmt = client
             .prepare("SELECT user_id, count(*) AS n, sum(input_tokens) AS t, min(start_time) AS first, avg(duration_ms) AS d FROM spans WHERE user_id = $1 GROUP BY user_id")
             .await
@@ -316,14 +315,7 @@ fn a_cancelled_query_stops_and_the_session_goes_on() {
     send_spans(&server);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={} user=app", server.pg_port),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .expect("connect");
-        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
-        let _conn = tokio::spawn(conn);
+        let client = connect(&server, "app").await;
         let token = client.cancel_token();
         let slow =
             tokio::time::timeout(std::time::Duration::from_secs(60), client.simple_query(SLOW));
