@@ -69,9 +69,11 @@ pub struct ListenConfig {
     pub http: SocketAddr,
     /// The Postgres wire protocol (psql, Grafana, BI tools).
     pub postgres: SocketAddr,
-    /// PEM certificate for the Postgres listener (TLS when `tls_key` is set too).
+    /// Arrow Flight SQL (ADBC/JDBC drivers, Grafana's InfluxDB datasource in SQL mode).
+    pub flight: SocketAddr,
+    /// PEM certificate for the Postgres and Flight SQL listeners (TLS when `tls_key` is set too).
     pub tls_cert: Option<PathBuf>,
-    /// PKCS#8 PEM key for the Postgres listener.
+    /// PKCS#8 PEM key for the Postgres and Flight SQL listeners.
     pub tls_key: Option<PathBuf>,
 }
 
@@ -81,6 +83,7 @@ impl Default for ListenConfig {
             grpc: SocketAddr::from(([127, 0, 0, 1], 4317)),
             http: SocketAddr::from(([127, 0, 0, 1], 4318)),
             postgres: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            flight: SocketAddr::from(([127, 0, 0, 1], 4320)),
             tls_cert: None,
             tls_key: None,
         }

@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Postgres wire protocol listen address (default 127.0.0.1:5433).
     #[arg(long, env = "SPANLAKE_PG_LISTEN")]
     pg_listen: Option<std::net::SocketAddr>,
+    /// Arrow Flight SQL listen address (default 127.0.0.1:4320).
+    #[arg(long, env = "SPANLAKE_FLIGHT_LISTEN")]
+    flight_listen: Option<std::net::SocketAddr>,
     /// `fsync` (default) or `none`.
     #[arg(long, env = "SPANLAKE_DURABILITY")]
     durability: Option<String>,
@@ -142,6 +145,9 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()
     }
     if let Some(a) = args.pg_listen {
         config.listen.postgres = a;
+    }
+    if let Some(a) = args.flight_listen {
+        config.listen.flight = a;
     }
     if let Some(d) = &args.durability {
         config.storage.durability = match d.as_str() {

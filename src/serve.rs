@@ -107,6 +107,9 @@ pub async fn serve(
     let grpc_listener = tokio::net::TcpListener::bind(config.listen.grpc)
         .await
         .with_context(|| format!("cannot listen on {} (gRPC)", config.listen.grpc))?;
+    let flight_listener = tokio::net::TcpListener::bind(config.listen.flight)
+        .await
+        .with_context(|| format!("cannot listen on {} (Flight SQL)", config.listen.flight))?;
     // The Postgres frontend binds its own listener: check the address first for a clear error.
     std::net::TcpListener::bind(config.listen.postgres)
         .with_context(|| format!("cannot listen on {} (Postgres)", config.listen.postgres))?;
@@ -139,6 +142,7 @@ pub async fn serve(
         http = %http_listener.local_addr()?,
         grpc = %grpc_listener.local_addr()?,
         postgres = %config.listen.postgres,
+        flight_sql = %flight_listener.local_addr()?,
         location = %config.location_url(),
         wal = %config.wal_dir().display(),
         "spanlake serving"
@@ -179,11 +183,39 @@ pub async fn serve(
         })
     };
 
+    // Flight SQL queries run on the query runtime too.
+    let flight = {
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream_listener(flight_listener);
+        let mut server = tonic::transport::Server::builder();
+        if let (Some(cert), Some(key)) = (&config.listen.tls_cert, &config.listen.tls_key) {
+            let identity = tonic::transport::Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+            );
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .context("TLS configuration of the Flight SQL listener")?;
+        }
+        let service = spanlake_query::flight::service(Arc::clone(&query));
+        query_runtime.spawn(async move {
+            server
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+
     shutdown_signal().await;
     tracing::info!("stopping: no new requests; flushing what is buffered");
     let _ = stop_tx.send(true);
     pg.abort();
-    let (h, g) = tokio::join!(http, grpc);
+    let (h, g, f) = tokio::join!(http, grpc, flight);
+    if let Ok(Err(e)) = f {
+        tracing::warn!(error = %e, "Flight SQL server stopped with an error");
+    }
     if let Ok(Err(e)) = h {
         tracing::warn!(error = %e, "HTTP server stopped with an error");
     }

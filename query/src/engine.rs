@@ -3,10 +3,12 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
+use datafusion::common::ParamValues;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement;
@@ -200,10 +202,21 @@ impl QueryEngine {
 
     /// Runs one read-only statement. DDL, DML, `COPY`, `SET` and other statements are refused.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult> {
+        self.query(sql, None).await
+    }
+
+    /// Plans one read-only statement without running it (for result and parameter schemas);
+    /// refused statements are refused here as in [`QueryEngine::sql`].
+    pub async fn plan(&self, sql: &str) -> Result<LogicalPlan> {
+        plan_statement(&self.ctx, sql).await
+    }
+
+    /// Runs one read-only statement with values for its `$1`, `$2`, ... placeholders.
+    pub async fn query(&self, sql: &str, params: Option<ParamValues>) -> Result<QueryResult> {
         let started = Instant::now();
         self.metrics.queries.add(1);
         let limit = self.config.timeout;
-        let query = run(self.ctx.clone(), sql.to_string());
+        let query = run(self.ctx.clone(), sql.to_string(), params);
         let timed = async move {
             tokio::time::timeout(limit, query).await.unwrap_or(Err(Error::Timeout { limit }))
         };
@@ -237,9 +250,20 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-async fn run(ctx: SessionContext, sql: String) -> Result<QueryResult> {
+async fn run(ctx: SessionContext, sql: String, params: Option<ParamValues>) -> Result<QueryResult> {
+    let mut plan = plan_statement(&ctx, &sql).await?;
+    if let Some(params) = params {
+        plan = plan.with_param_values(params)?;
+    }
+    let df = ctx.execute_logical_plan(plan).await?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(QueryResult { schema, batches })
+}
+
+async fn plan_statement(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> {
     let state = ctx.state();
-    let mut statements = DFParserBuilder::new(sql.as_str())
+    let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&PostgreSqlDialect {})
         .build()?
         .parse_statements()?;
@@ -253,10 +277,7 @@ async fn run(ctx: SessionContext, sql: String) -> Result<QueryResult> {
     read_only()
         .verify_plan(&plan)
         .map_err(|source| Error::Forbidden { what: source.strip_backtrace() })?;
-    let df = ctx.execute_logical_plan(plan).await?;
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
-    Ok(QueryResult { schema, batches })
+    Ok(plan)
 }
 
 /// Refuses every statement that is not a query, before planning.

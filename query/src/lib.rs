@@ -8,6 +8,7 @@
 //! * [`format`] — results as JSON, CSV, Arrow IPC or a table for people;
 //! * [`trace`] — a whole trace by id as a span tree, found through the trace index;
 //! * [`admin`] — deletion of spans by predicate;
+//! * [`flight`] — Arrow Flight SQL (ADBC/JDBC drivers, Grafana's InfluxDB SQL mode);
 //! * [`pg`] — the Postgres wire protocol (psql, Grafana, BI tools) behind the SQL sandbox;
 //! * [`http`] — `POST /v1/sql`, `GET /v1/traces/{id}`, `POST /v1/admin/delete`.
 //!
@@ -17,6 +18,7 @@
 pub mod admin;
 mod engine;
 mod error;
+pub mod flight;
 pub mod format;
 pub mod functions;
 pub mod http;

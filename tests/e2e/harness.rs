@@ -65,6 +65,8 @@ pub struct TestServer {
     pub grpc_port: u16,
     /// Postgres wire protocol port.
     pub pg_port: u16,
+    /// Arrow Flight SQL port.
+    pub flight_port: u16,
     extra: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -99,6 +101,7 @@ impl TestServer {
             http_port: free_port(),
             grpc_port: free_port(),
             pg_port: free_port(),
+            flight_port: free_port(),
             extra: options.args,
             env: options.env,
             log,
@@ -126,6 +129,8 @@ impl TestServer {
             .arg(format!("127.0.0.1:{}", self.grpc_port))
             .arg("--pg-listen")
             .arg(format!("127.0.0.1:{}", self.pg_port))
+            .arg("--flight-listen")
+            .arg(format!("127.0.0.1:{}", self.flight_port))
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log);

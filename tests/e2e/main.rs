@@ -3,6 +3,7 @@
 mod basics;
 mod crash;
 mod durability;
+mod flight;
 mod harness;
 mod lifecycle;
 mod postgres;

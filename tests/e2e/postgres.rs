@@ -13,10 +13,10 @@ use prost::Message as _;
 
 use crate::harness::TestServer;
 
-const BASE_NS: u64 = 1_795_468_500_000_000_000; // 2026-11-23T21:15:00Z
+pub(crate) const BASE_NS: u64 = 1_795_468_500_000_000_000; // 2026-11-23T21:15:00Z
 
 /// 40 LLM spans: user u-0..u-3 (10 each), input tokens 100 + i, model m-0/m-1 alternating.
-fn send_spans(server: &TestServer) {
+pub(crate) fn send_spans(server: &TestServer) {
     let kv = |k: &str, v: any_value::Value| KeyValue {
         key: k.into(),
         value: Some(AnyValue { value: Some(v) }),
