@@ -2,6 +2,7 @@
 
 mod basics;
 mod crash;
+mod dashboards;
 mod durability;
 mod flight;
 mod harness;
