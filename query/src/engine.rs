@@ -306,6 +306,11 @@ pub fn check_read_only_statement(statement: &Statement) -> Result<()> {
 }
 
 fn statement_kind(s: &Statement) -> String {
+    if let Statement::CreateTable(t) = s
+        && t.external
+    {
+        return "CREATE EXTERNAL TABLE".to_string();
+    }
     // The statement's own text up to its first clause names it well enough: "DROP TABLE",
     // "INSERT INTO", "SET TIME ZONE", ...
     let text = s.to_string();

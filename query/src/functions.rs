@@ -39,7 +39,31 @@ pub fn pg_setting(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Registers the functions spanlake adds to DataFusion's: `llm_cost` and `current_setting`.
+/// The Postgres name of a type as DataFusion's `information_schema.columns.data_type` writes
+/// it (`Int64` → `bigint`, a timestamp with a time zone → `timestamp with time zone`, ...).
+pub fn pg_type_name(arrow: &str) -> &'static str {
+    let base = arrow.split('(').next().unwrap_or(arrow);
+    match base {
+        "Utf8" | "LargeUtf8" | "Utf8View" => "text",
+        "Int64" | "UInt32" => "bigint",
+        "Int32" | "UInt16" => "integer",
+        "Int16" | "Int8" | "UInt8" => "smallint",
+        "UInt64" | "Decimal128" | "Decimal256" => "numeric",
+        "Float64" => "double precision",
+        "Float32" | "Float16" => "real",
+        "Boolean" => "boolean",
+        "Date32" | "Date64" => "date",
+        "Timestamp" if arrow.contains(',') && !arrow.contains("None") => "timestamp with time zone",
+        "Timestamp" => "timestamp without time zone",
+        "Interval" | "Duration" => "interval",
+        "Binary" | "LargeBinary" | "BinaryView" | "FixedSizeBinary" => "bytea",
+        "List" | "LargeList" | "FixedSizeList" => "ARRAY",
+        _ => "text",
+    }
+}
+
+/// Registers the functions spanlake adds to DataFusion's: `llm_cost`, `current_setting` and
+/// `pg_type_name`.
 pub fn register(ctx: &SessionContext, prices: Arc<PriceTable>) {
     let current_setting = create_udf(
         "current_setting",
@@ -74,6 +98,21 @@ pub fn register(ctx: &SessionContext, prices: Arc<PriceTable>) {
         }),
     );
     ctx.register_udf(current_setting);
+    let pg_type = create_udf(
+        "pg_type_name",
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| -> datafusion::error::Result<ColumnarValue> {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let names = cast(&arrays[0], &DataType::Utf8)
+                .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))?;
+            let names = names.as_any().downcast_ref::<StringArray>().expect("utf8");
+            let out: StringArray = names.iter().map(|n| n.map(pg_type_name)).collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }),
+    );
+    ctx.register_udf(pg_type);
     let llm_cost = create_udf(
         "llm_cost",
         vec![DataType::Utf8, DataType::Int64, DataType::Int64],

@@ -147,39 +147,122 @@ impl QueryHook for SandboxHook {
     }
 }
 
-/// Grafana's table picker asks for the tables of the schemas on `search_path`, with a
-/// subquery over `current_setting('search_path')` that the Postgres compatibility layer
-/// replaces by an empty list before spanlake sees it (so the picker would show nothing). This
-/// hook recognises that query and answers it: the tables and views of `public`, the schema
-/// spanlake's `search_path` names.
+/// Grafana's schema, table and column pickers restrict `information_schema` to the schemas on
+/// `search_path` with a subquery over `current_setting('search_path')`,
+/// `generate_series(array_lower(...), array_upper(...))` and `string_to_array(...)` as a table
+/// (which the Postgres compatibility layer turns into `IN ('')` before spanlake sees it).
+/// This hook rewrites such statements the way Postgres would evaluate them for spanlake's
+/// `search_path` (`public`):
+/// * `quote_ident(table_schema) IN (<search_path subquery>)` → `... IN ('public')`;
+/// * over `information_schema.tables`, `table_type = 'BASE TABLE'` also accepts views (the
+///   `traces` and `sessions` views are what most panels read);
+/// * over `information_schema.columns`, `data_type` is the Postgres type name (`bigint`,
+///   `timestamp with time zone`, ...) instead of the Arrow one, so pickers recognise time
+///   columns.
 #[derive(Debug)]
-pub struct GrafanaTablePickerHook;
+pub struct GrafanaMetadataHook;
 
-/// Whether `statement` is Grafana's table picker query (after the compatibility rewrite).
-pub fn is_grafana_table_picker(statement: &Statement) -> bool {
+/// `statement` rewritten as [`GrafanaMetadataHook`] describes, or `None` when it is not a
+/// picker query.
+pub fn rewrite_picker_query(statement: &Statement) -> Option<Statement> {
+    use datafusion::sql::sqlparser::ast::{
+        BinaryOperator, Expr, Ident, Value, visit_expressions_mut,
+    };
     let text = statement.to_string();
-    text.contains("quote_ident(table_name) AS \"table\"")
-        && text.contains("information_schema.tables")
-        && text.contains("'timescaledb_information'")
+    let tables = text.contains("information_schema.tables");
+    let columns = text.contains("information_schema.columns");
+    if !(tables || columns || text.contains("information_schema.schemata")) {
+        return None;
+    }
+    let public = || Expr::Value(Value::SingleQuotedString("public".into()).into());
+    let is_schema_ident = |e: &Expr| {
+        let t = e.to_string().to_ascii_lowercase();
+        t == "quote_ident(table_schema)" || t == "table_schema"
+    };
+    let mut changed = false;
+    let mut rewritten = statement.clone();
+    let _ = visit_expressions_mut(&mut rewritten, |e: &mut Expr| {
+        match e {
+            Expr::InSubquery { expr, subquery, negated }
+                if is_schema_ident(expr) && subquery.to_string().contains("search_path") =>
+            {
+                *e = Expr::InList { expr: expr.clone(), list: vec![public()], negated: *negated };
+                changed = true;
+            }
+            // What the compatibility layer leaves of the subquery: `IN ()` or `IN ('')`.
+            Expr::InList { expr, list, .. }
+                if is_schema_ident(expr) && list.iter().all(|v| v.to_string() == "''") =>
+            {
+                *list = vec![public()];
+                changed = true;
+            }
+            Expr::BinaryOp { left, op: BinaryOperator::Eq, right }
+                if tables
+                    && left.to_string().eq_ignore_ascii_case("table_type")
+                    && right.to_string() == "'BASE TABLE'" =>
+            {
+                *e = Expr::InList {
+                    expr: left.clone(),
+                    list: vec![
+                        Expr::Value(Value::SingleQuotedString("BASE TABLE".into()).into()),
+                        Expr::Value(Value::SingleQuotedString("VIEW".into()).into()),
+                    ],
+                    negated: false,
+                };
+                changed = true;
+            }
+            Expr::Identifier(Ident { value, .. }) if columns && value == "data_type" => {
+                *e = Expr::Function(datafusion::sql::sqlparser::ast::Function {
+                    name: datafusion::sql::sqlparser::ast::ObjectName::from(vec![Ident::new(
+                        "pg_type_name",
+                    )]),
+                    uses_odbc_syntax: false,
+                    parameters: datafusion::sql::sqlparser::ast::FunctionArguments::None,
+                    args: datafusion::sql::sqlparser::ast::FunctionArguments::List(
+                        datafusion::sql::sqlparser::ast::FunctionArgumentList {
+                            duplicate_treatment: None,
+                            args: vec![datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
+                                datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(
+                                    Expr::Identifier(Ident::new("data_type")),
+                                ),
+                            )],
+                            clauses: vec![],
+                        },
+                    ),
+                    filter: None,
+                    null_treatment: None,
+                    over: None,
+                    within_group: vec![],
+                });
+                changed = true;
+            }
+            _ => {}
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    changed.then_some(rewritten)
 }
 
-const TABLE_PICKER_ANSWER: &str = "SELECT quote_ident(table_name) AS \"table\" FROM information_schema.tables \
-     WHERE table_schema = 'public' AND table_type IN ('BASE TABLE', 'VIEW') ORDER BY 1";
+async fn plan_rewritten(statement: Statement, ctx: &SessionContext) -> PgWireResult<LogicalPlan> {
+    ctx.state()
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(statement)))
+        .await
+        .map_err(|e| PgWireError::ApiError(Box::new(e)))
+}
 
 #[async_trait]
-impl QueryHook for GrafanaTablePickerHook {
+impl QueryHook for GrafanaMetadataHook {
     async fn handle_simple_query(
         &self,
         statement: &Statement,
         ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        if !is_grafana_table_picker(statement) {
-            return None;
-        }
+        let rewritten = rewrite_picker_query(statement)?;
         let answer = async {
+            let plan = plan_rewritten(rewritten, ctx).await?;
             let df = ctx
-                .sql(TABLE_PICKER_ANSWER)
+                .execute_logical_plan(plan)
                 .await
                 .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
             let resp = datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe(
@@ -199,17 +282,8 @@ impl QueryHook for GrafanaTablePickerHook {
         ctx: &SessionContext,
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
-        if !is_grafana_table_picker(statement) {
-            return None;
-        }
-        let plan = async {
-            let df = ctx
-                .sql(TABLE_PICKER_ANSWER)
-                .await
-                .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
-            Ok(df.into_unoptimized_plan())
-        };
-        Some(plan.await)
+        let rewritten = rewrite_picker_query(statement)?;
+        Some(plan_rewritten(rewritten, ctx).await)
     }
 
     async fn handle_extended_query(
@@ -241,7 +315,7 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     }
     let hooks: Vec<Arc<dyn QueryHook>> = vec![
         Arc::new(SandboxHook),
-        Arc::new(GrafanaTablePickerHook),
+        Arc::new(GrafanaMetadataHook),
         Arc::new(CursorStatementHook),
         Arc::new(SetShowHook),
         Arc::new(TransactionStatementHook),
@@ -259,7 +333,7 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     });
     let handlers = Handlers {
         simple: Arc::new(Simple { inner: Arc::clone(&service), timeout: config.timeout }),
-        service,
+        extended: Arc::new(Extended { inner: Arc::clone(&service), timeout: config.timeout }),
         startup: Arc::new(Startup { password, open: OpenStartup(Arc::clone(&connections)) }),
         cancel: Arc::new(DefaultCancelHandler::new(connections)),
     };
@@ -392,6 +466,20 @@ fn guard_rows(
     ))
 }
 
+/// The deadline of a statement starting now, and the receiver of a cancel request for it.
+async fn start_query<C: ClientInfo>(
+    client: &C,
+    timeout: std::time::Duration,
+) -> (tokio::time::Instant, Option<futures::channel::oneshot::Receiver<()>>) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let handle = client.session_extensions().get::<Arc<ConnectionHandle>>();
+    let cancel = match &handle {
+        Some(h) => Some(h.start_query().await),
+        None => None,
+    };
+    (deadline, cancel)
+}
+
 #[async_trait]
 impl SimpleQueryHandler for Simple {
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
@@ -401,12 +489,7 @@ impl SimpleQueryHandler for Simple {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let handle = client.session_extensions().get::<Arc<ConnectionHandle>>();
-        let cancel = match &handle {
-            Some(h) => Some(h.start_query().await),
-            None => None,
-        };
+        let (deadline, cancel) = start_query(client, self.timeout).await;
         let planned = tokio::time::timeout_at(
             deadline,
             SimpleQueryHandler::do_query(&*self.inner, client, query),
@@ -432,9 +515,53 @@ impl SimpleQueryHandler for Simple {
     }
 }
 
+/// The extended protocol with the same statement time limit and cancellation as [`Simple`].
+struct Extended {
+    inner: Arc<DfSessionService>,
+    timeout: std::time::Duration,
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Extended {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.inner.query_parser()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &pgwire::api::portal::Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (deadline, cancel) = start_query(client, self.timeout).await;
+        let planned = tokio::time::timeout_at(
+            deadline,
+            ExtendedQueryHandler::do_query(&*self.inner, client, portal, max_rows),
+        )
+        .await;
+        match planned.map_err(|_| cancelled("canceling statement due to statement timeout"))?? {
+            Response::Query(mut q) => {
+                let rows = std::mem::replace(&mut q.data_rows, Box::pin(futures::stream::empty()));
+                q.data_rows = guard_rows(rows, cancel, deadline);
+                Ok(Response::Query(q))
+            }
+            other => Ok(other),
+        }
+    }
+}
+
 struct Handlers {
     simple: Arc<Simple>,
-    service: Arc<DfSessionService>,
+    extended: Arc<Extended>,
     startup: Arc<Startup>,
     cancel: Arc<DefaultCancelHandler>,
 }
@@ -445,7 +572,7 @@ impl PgWireServerHandlers for Handlers {
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        Arc::clone(&self.service)
+        Arc::clone(&self.extended)
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {

@@ -5,6 +5,9 @@
 //! memory batches not yet flushed, so every query also checks that both parts read as one
 //! table. Values print as the Postgres text format would (NULL as `NULL`).
 //!
+//! Every file runs twice: against the engine directly (label `direct`) and through the Postgres
+//! frontend with `tokio-postgres` (label `postgres`; `onlyif`/`skipif` mark what differs).
+//!
 //! `cargo test -p spanlake-query --test sqllogictests -- [FILTER] [--complete]`: `--complete`
 //! rewrites the expected output of the selected files.
 
@@ -112,6 +115,12 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<String>> {
                     .iter()
                     .zip(b.columns())
                     .map(|(f, c)| {
+                        // Booleans as Postgres writes them in text format.
+                        if let Some(b) = c.as_any().downcast_ref::<arrow::array::BooleanArray>()
+                            && b.is_valid(i)
+                        {
+                            return if b.value(i) { "t" } else { "f" }.to_string();
+                        }
                         let s = f.value(i).to_string();
                         if c.is_valid(i) && s.is_empty() { "(empty)".to_string() } else { s }
                     })
@@ -142,6 +151,105 @@ impl sqllogictest::AsyncDB for Db {
     async fn sleep(dur: std::time::Duration) {
         tokio::time::sleep(dur).await;
     }
+}
+
+/// The same engine behind the Postgres frontend, queried by `tokio-postgres`: column types
+/// from the prepared statement's RowDescription, values in text format over the simple query
+/// protocol (as psql and Grafana read them).
+struct PgDb {
+    client: tokio_postgres::Client,
+    _server: tokio::task::JoinHandle<()>,
+    _connection: tokio::task::JoinHandle<()>,
+}
+
+fn pg_column_type(t: &tokio_postgres::types::Type) -> DefaultColumnType {
+    use tokio_postgres::types::Type;
+    match *t {
+        Type::INT2 | Type::INT4 | Type::INT8 => DefaultColumnType::Integer,
+        Type::FLOAT4 | Type::FLOAT8 | Type::NUMERIC => DefaultColumnType::FloatingPoint,
+        Type::TEXT | Type::VARCHAR => DefaultColumnType::Text,
+        _ => DefaultColumnType::Any,
+    }
+}
+
+#[async_trait]
+impl sqllogictest::AsyncDB for PgDb {
+    type Error = DbError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DbError> {
+        let error = |e: tokio_postgres::Error| {
+            DbError(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))
+        };
+        let messages = self.client.simple_query(sql).await.map_err(error)?;
+        let mut columns = None;
+        let mut rows = Vec::new();
+        for m in messages {
+            match m {
+                tokio_postgres::SimpleQueryMessage::RowDescription(c) => columns = Some(c),
+                tokio_postgres::SimpleQueryMessage::Row(r) => rows.push(
+                    (0..r.len())
+                        .map(|i| match r.get(i) {
+                            None => "NULL".to_string(),
+                            Some("") => "(empty)".to_string(),
+                            Some(v) => v.to_string(),
+                        })
+                        .collect(),
+                ),
+                _ => {}
+            }
+        }
+        let Some(columns) = columns else { return Ok(DBOutput::StatementComplete(0)) };
+        let types = match self.client.prepare(sql).await {
+            Ok(statement) => {
+                statement.columns().iter().map(|c| pg_column_type(c.type_())).collect()
+            }
+            Err(_) => vec![DefaultColumnType::Any; columns.len()],
+        };
+        Ok(DBOutput::Rows { types, rows })
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "spanlake-postgres"
+    }
+
+    async fn sleep(dur: std::time::Duration) {
+        tokio::time::sleep(dur).await;
+    }
+}
+
+async fn make_pg_db() -> Result<PgDb, DbError> {
+    let engine = make_db().await?.engine;
+    spanlake_query::pg::install_pg_catalog(&engine).map_err(|e| DbError(e.to_string()))?;
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = spanlake_query::pg::PgConfig { listen, ..Default::default() };
+    #[expect(clippy::disallowed_methods, reason = "the server ends with the test runtime")]
+    let server = tokio::spawn(async move {
+        let _ = spanlake_query::pg::serve(&engine, &config).await;
+    });
+    let mut attempt = 0;
+    let (client, connection) = loop {
+        match tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={} user=slt dbname=spanlake", listen.port()),
+            tokio_postgres::NoTls,
+        )
+        .await
+        {
+            Ok(c) => break c,
+            Err(e) if attempt > 200 => return Err(DbError(e.to_string())),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    #[expect(clippy::disallowed_methods, reason = "the connection ends with the test runtime")]
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(PgDb { client, _server: server, _connection: connection })
 }
 
 async fn make_db() -> Result<Db, DbError> {
@@ -180,6 +288,7 @@ fn main() {
     for file in &files {
         let result = rt.block_on(async {
             let mut runner = sqllogictest::Runner::new(make_db);
+            runner.add_label("direct");
             if complete {
                 runner
                     .update_test_file(
@@ -194,6 +303,17 @@ fn main() {
             } else {
                 runner.run_file_async(file).await.map_err(|e| e.display(true).to_string())
             }
+        });
+        // The same file through the Postgres frontend (labels: `postgres`).
+        let result = result.and_then(|()| {
+            rt.block_on(async {
+                let mut runner = sqllogictest::Runner::new(make_pg_db);
+                runner.add_label("postgres");
+                runner
+                    .run_file_async(file)
+                    .await
+                    .map_err(|e| format!("through Postgres: {}", e.display(true)))
+            })
         });
         match result {
             Ok(()) => println!("ok   {}", file.display()),

@@ -175,7 +175,27 @@ fn grafana_queries_run_over_the_simple_protocol() {
                 .await
                 .unwrap(),
         );
+        // (Grafana's query has no ORDER BY.)
+        let mut tables = tables;
+        tables.sort();
         assert_eq!(tables, vec![vec!["sessions".to_string()], vec!["spans".into()], vec!["traces".into()]]);
+        // The current query editor's schema, table and column pickers
+        // (postgresMetaQuery.ts: showSchemas, showTables(schema), showTables(), getSchema).
+        let one_column = |rows: Vec<Vec<String>>| rows.into_iter().map(|r| r[0].clone()).collect::<Vec<_>>();
+        assert_eq!(one_column(text(client.simple_query(PICKER_SCHEMAS).await.unwrap())), ["public"]);
+        for q in [PICKER_TABLES_OF_SCHEMA, PICKER_TABLES] {
+            assert_eq!(one_column(text(client.simple_query(q).await.unwrap())), ["sessions", "spans", "traces"]);
+        }
+        let columns = text(client.simple_query(PICKER_COLUMNS).await.unwrap());
+        assert_eq!(columns.len(), 30, "{columns:?}");
+        for (name, ty) in [
+            ("trace_id", "text"),
+            ("start_time", "timestamp with time zone"),
+            ("duration_ms", "double precision"),
+            ("input_tokens", "bigint"),
+        ] {
+            assert!(columns.contains(&vec![name.to_string(), ty.to_string()]), "{name}: {columns:?}");
+        }
         // Session settings and several statements in one string.
         let rows = text(client.simple_query("SET TIME ZONE 'UTC'; SELECT 1").await.unwrap());
         assert_eq!(rows, vec![vec!["1".to_string()]]);
@@ -309,6 +329,23 @@ fn passwords_are_checked_when_users_are_configured() {
 /// A query far too slow to finish (a distinct count over 40^5 rows).
 const SLOW: &str = "SELECT count(DISTINCT a.span_id || b.span_id || c.span_id || d.span_id || e.span_id) FROM spans a, spans b, spans c, spans d, spans e";
 
+/// Cancels the query `slow` runs half a second after it starts; returns its SQLSTATE and message.
+async fn cancel_during(
+    token: &tokio_postgres::CancelToken,
+    slow: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+) -> (String, String) {
+    let slow = tokio::time::timeout(std::time::Duration::from_secs(60), slow);
+    let cancel = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    };
+    let (result, sent) = tokio::join!(slow, cancel);
+    sent.expect("cancel request sent");
+    let err = result.expect("cancelled well before 60 s").expect_err("the query was cancelled");
+    let db = err.as_db_error().expect("a server error");
+    (db.code().code().to_string(), db.message().to_string())
+}
+
 #[test]
 fn a_cancelled_query_stops_and_the_session_goes_on() {
     let server = TestServer::start();
@@ -317,19 +354,10 @@ fn a_cancelled_query_stops_and_the_session_goes_on() {
     rt.block_on(async {
         let client = connect(&server, "app").await;
         let token = client.cancel_token();
-        let slow =
-            tokio::time::timeout(std::time::Duration::from_secs(60), client.simple_query(SLOW));
-        let cancel = async {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            token.cancel_query(tokio_postgres::NoTls).await
-        };
-        let (result, sent) = tokio::join!(slow, cancel);
-        sent.expect("cancel request sent");
-        let err = result.expect("cancelled well before 60 s").expect_err("the query was cancelled");
-        let db = err.as_db_error().expect("a server error");
+        let expected = ("57014".to_string(), "canceling statement due to user request".to_string());
         assert_eq!(
-            (db.code().code(), db.message()),
-            ("57014", "canceling statement due to user request")
+            cancel_during(&token, async { client.simple_query(SLOW).await.map(|_| ()) }).await,
+            expected
         );
         let rows = client.simple_query("SELECT count(*) FROM spans").await.unwrap();
         let n = rows.iter().find_map(|m| match m {
@@ -337,6 +365,14 @@ fn a_cancelled_query_stops_and_the_session_goes_on() {
             _ => None,
         });
         assert_eq!(n.as_deref(), Some("40"));
+
+        // The same over the extended protocol (parse, bind, execute).
+        assert_eq!(
+            cancel_during(&token, async { client.query(SLOW, &[]).await.map(|_| ()) }).await,
+            expected
+        );
+        let n: i64 = client.query_one("SELECT count(*) FROM spans", &[]).await.unwrap().get(0);
+        assert_eq!(n, 40);
     });
 }
 
@@ -354,4 +390,91 @@ fn the_query_time_limit_applies() {
     assert!(!ok);
     assert!(err.contains("canceling statement due to statement timeout"), "{err}");
     assert_eq!(psql(&server, "SELECT count(*) FROM spans").1, "40");
+    // The extended protocol has the same limit.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&server, "app").await;
+        let err = client.query(SLOW, &[]).await.expect_err("over the time limit");
+        let db = err.as_db_error().expect("a server error");
+        assert_eq!(
+            (db.code().code(), db.message()),
+            ("57014", "canceling statement due to statement timeout")
+        );
+        let n: i64 = client.query_one("SELECT count(*) FROM spans", &[]).await.unwrap().get(0);
+        assert_eq!(n, 40);
+    });
 }
+
+const PICKER_SCHEMAS: &str = r#"SELECT schema_name AS "name"
+    FROM information_schema.schemata
+    WHERE schema_name NOT IN ('information_schema',
+                              'pg_catalog',
+                              'pg_toast',
+                              '_timescaledb_cache',
+                              '_timescaledb_catalog',
+                              '_timescaledb_internal',
+                              '_timescaledb_config',
+                              'timescaledb_information',
+                              'timescaledb_experimental')
+    ORDER BY schema_name"#;
+
+const PICKER_TABLES_OF_SCHEMA: &str = r#"SELECT quote_ident(table_name) AS "table"
+      FROM information_schema.tables
+      WHERE quote_ident(table_schema) = 'public'
+      ORDER BY 1"#;
+
+const PICKER_TABLES: &str = r#"SELECT
+    CASE WHEN 
+          quote_ident(table_schema) IN (
+          SELECT
+            CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+          FROM
+            generate_series(
+              array_lower(string_to_array(current_setting('search_path'),','),1),
+              array_upper(string_to_array(current_setting('search_path'),','),1)
+            ) as i,
+            string_to_array(current_setting('search_path'),',') s
+          )
+      THEN quote_ident(table_name)
+      ELSE quote_ident(table_schema) || '.' || quote_ident(table_name)
+    END AS "table"
+    FROM information_schema.tables
+    WHERE quote_ident(table_schema) NOT IN ('information_schema',
+                             'pg_catalog',
+                             '_timescaledb_cache',
+                             '_timescaledb_catalog',
+                             '_timescaledb_internal',
+                             '_timescaledb_config',
+                             'timescaledb_information',
+                             'timescaledb_experimental')
+    ORDER BY CASE WHEN 
+          quote_ident(table_schema) IN (
+          SELECT
+            CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+          FROM
+            generate_series(
+              array_lower(string_to_array(current_setting('search_path'),','),1),
+              array_upper(string_to_array(current_setting('search_path'),','),1)
+            ) as i,
+            string_to_array(current_setting('search_path'),',') s
+          ) THEN 0 ELSE 1 END, 1"#;
+
+const PICKER_COLUMNS: &str = r#"SELECT quote_ident(column_name) AS "column", data_type AS "type"
+    FROM information_schema.columns
+    WHERE
+      CASE WHEN array_length(parse_ident('spans'),1) = 2
+        THEN quote_ident(table_schema) = (parse_ident('spans'))[1]
+          AND quote_ident(table_name) = (parse_ident('spans'))[2]
+        ELSE quote_ident(table_name) = 'spans'
+          AND 
+          quote_ident(table_schema) IN (
+          SELECT
+            CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+          FROM
+            generate_series(
+              array_lower(string_to_array(current_setting('search_path'),','),1),
+              array_upper(string_to_array(current_setting('search_path'),','),1)
+            ) as i,
+            string_to_array(current_setting('search_path'),',') s
+          )
+      END"#;
