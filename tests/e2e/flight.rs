@@ -225,3 +225,80 @@ print(json.dumps({"rows": [list(r) for r in rows], "n": n[0][0], "types": [str(f
     assert_eq!(v["tokens"], serde_json::json!([100, 101, 102]));
     assert_eq!(v["tables"], serde_json::json!(["sessions", "spans", "traces"]));
 }
+
+/// With `listen.tls_cert` and `listen.tls_key` set, psql connects to the Postgres listener over
+/// TLS (`sslmode=require`) and a Flight SQL client over TLS trusting that certificate.
+#[test]
+fn postgres_and_flight_sql_speak_tls_when_a_certificate_is_configured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = tmp.path().join("spanlake.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start_with(crate::harness::ServerOptions {
+        env: vec![("SPANLAKE_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
+    });
+    send_spans(&server);
+
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=tls dbname=spanlake sslmode=require",
+            server.pg_port
+        ))
+        .args(["-X", "-A", "-t", "-c", "SELECT count(*) FROM spans", "-c", "\\conninfo"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("40\n"), "{stdout}");
+    assert!(stdout.contains("SSL connection (protocol: TLSv1.3"), "{stdout}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&cert).unwrap()))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://127.0.0.1:{}", server.flight_port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("TLS connection to Flight SQL");
+        let mut c = FlightSqlServiceClient::new(channel);
+        let info = c.execute("SELECT count(*) AS n FROM spans".into(), None).await.unwrap();
+        assert_eq!(ints(&fetch(&mut c, info).await, "n"), [40]);
+        // A plaintext client gets no answer from the TLS listener.
+        let mut plain = client(&server).await;
+        assert!(plain.execute("SELECT 1".into(), None).await.is_err());
+    });
+}
