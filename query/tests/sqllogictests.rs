@@ -11,7 +11,7 @@
 //! `cargo test -p spanlake-query --test sqllogictests -- [FILTER] [--complete]`: `--complete`
 //! rewrites the expected output of the selected files.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch};
@@ -29,10 +29,8 @@ use spanlake_query::{QueryConfig, QueryEngine};
 use sqllogictest::{DBOutput, DefaultColumnType};
 
 fn fixtures_dir() -> PathBuf {
-    std::env::var_os("SPANLAKE_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-        PathBuf::from,
-    )
+    std::env::var_os("SPANLAKE_FIXTURES")
+        .map_or_else(|| manifest_dir().join("../../shared/fixtures"), PathBuf::from)
 }
 
 async fn fixture_store() -> Arc<SpanStore> {
@@ -267,7 +265,7 @@ async fn make_db() -> Result<Db, DbError> {
 }
 
 fn slt_files(filter: Option<&str>) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slt");
+    let dir = manifest_dir().join("tests/slt");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("tests/slt")
         .map(|e| e.unwrap().path())
@@ -327,4 +325,14 @@ fn main() {
     if failed > 0 {
         std::process::exit(1);
     }
+}
+
+/// The package directory: from the environment `cargo test` sets when it runs the test (a
+/// target directory shared by clones at different paths may hold a binary built elsewhere),
+/// else where it was compiled.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }

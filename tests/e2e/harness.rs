@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// Path of the repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    manifest_dir()
 }
 
 /// The shared fixtures directory.
@@ -429,4 +429,14 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The package directory: from the environment `cargo test` sets when it runs the test (a
+/// target directory shared by clones at different paths may hold a binary built elsewhere),
+/// else where it was compiled.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }

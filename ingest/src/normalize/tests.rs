@@ -5,10 +5,8 @@ use serde_json::json;
 use spanlake_proto::{decode_json, decode_protobuf};
 
 fn fixtures_dir() -> PathBuf {
-    std::env::var_os("SPANLAKE_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-        PathBuf::from,
-    )
+    std::env::var_os("SPANLAKE_FIXTURES")
+        .map_or_else(|| manifest_dir().join("../../shared/fixtures"), PathBuf::from)
 }
 
 fn index() -> Vec<Value> {
@@ -315,4 +313,14 @@ fn spans_over_the_request_limit_are_rejected() {
     assert_eq!(n.batch.num_rows(), 3);
     assert_eq!(n.rejected, 2);
     assert!(n.message().contains("over the limit of 3 spans per request"), "{}", n.message());
+}
+
+/// The package directory: from the environment `cargo test` sets when it runs the test (a
+/// target directory shared by clones at different paths may hold a binary built elsewhere),
+/// else where it was compiled.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    )
 }
