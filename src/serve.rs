@@ -88,6 +88,8 @@ pub async fn serve(
     let mut app = Router::new()
         .merge(spanlake_ingest::http::router(ingest.clone()))
         .merge(spanlake_query::http::router(Arc::clone(&query)))
+        .merge(spanlake_query::jaeger::router(Arc::clone(&query)))
+        .merge(spanlake_query::tempo::router(Arc::clone(&query)))
         .merge(spanlake_query::http::admin_router(Arc::clone(&query), Arc::clone(&engine)))
         .merge(
             Router::new()

@@ -10,6 +10,8 @@
 //! * [`admin`] — deletion of spans by predicate;
 //! * [`flight`] — Arrow Flight SQL (ADBC/JDBC drivers, Grafana's InfluxDB SQL mode);
 //! * [`pg`] — the Postgres wire protocol (psql, Grafana, BI tools) behind the SQL sandbox;
+//! * [`jaeger`] and [`tempo`] — the Jaeger query API and Tempo's trace-by-id, for the Jaeger UI
+//!   and Grafana's Jaeger and Tempo data sources;
 //! * [`http`] — `POST /v1/sql`, `GET /v1/traces/{id}`, `POST /v1/admin/delete`.
 //!
 //! Depends on `spanlake-engine` only.
@@ -22,8 +24,10 @@ pub mod flight;
 pub mod format;
 pub mod functions;
 pub mod http;
+pub mod jaeger;
 pub mod pg;
 pub mod provider;
+pub mod tempo;
 pub mod trace;
 
 pub use engine::{

@@ -17,7 +17,7 @@ use tokio_postgres::types::Type;
 use crate::harness::{S3Server, ServerOptions, TestServer, repo_root};
 
 /// 2026-11-23T21:00:00Z in seconds.
-const BASE_S: u64 = 1_795_467_600;
+pub(crate) const BASE_S: u64 = 1_795_467_600;
 const RUNS: u64 = 12;
 const AGENTS: [&str; 3] = ["planner", "researcher", "writer"];
 const MODELS: [&str; 2] = ["gpt-4o", "claude-sonnet-4"];
@@ -35,7 +35,7 @@ fn s(v: &str) -> any_value::Value {
 /// 1000 + 10·r + j, output 100 + j, cost 0.001·(r + 1)·(j + 1) USD, 500 + 100·j ms) and two
 /// tool calls (`TOOLS[j]`, 50 + 10·r ms; the second fails when r % 4 == 0). Session and user
 /// `s-{r % 4}` / `u-{r % 4}` on every span.
-fn agent_runs() -> ExportTraceServiceRequest {
+pub(crate) fn agent_runs() -> ExportTraceServiceRequest {
     let mut spans = Vec::new();
     for r in 0..RUNS {
         let trace_id: Vec<u8> = [0xd0u8; 8].into_iter().chain(r.to_be_bytes()).collect();

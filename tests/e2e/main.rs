@@ -9,3 +9,4 @@ mod harness;
 mod lifecycle;
 mod postgres;
 mod sdk_export;
+mod traceviews;
