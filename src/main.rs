@@ -1,6 +1,7 @@
 //! The `spanlake` binary: command line, configuration and wiring.
 
 mod config;
+mod replay;
 mod serve;
 
 use std::io::Write as _;
@@ -53,6 +54,81 @@ enum Command {
     /// Delete every span matching a SQL condition (e.g. a user's, for an erasure request),
     /// through a running server.
     Delete(DeleteArgs),
+    /// Replay bundles of agent runs: export them, or re-run one against an OpenAI-compatible
+    /// endpoint and see where it diverges.
+    Replay(ReplayArgs),
+    /// Write any query's result to a file (JSON lines or Parquet), with a progress bar.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(subcommand)]
+    command: ReplayCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplayCommand {
+    /// Print the replay bundle of a trace (format spanlake.replay/v1), or with --sql write the
+    /// bundles of every trace id the query returns as JSON lines.
+    Export {
+        /// The trace id.
+        trace_id: Option<String>,
+        /// A query whose first column is trace ids (e.g. "SELECT DISTINCT trace_id FROM spans
+        /// WHERE status_code = 'error'").
+        #[arg(long)]
+        sql: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Re-run a recorded run against an OpenAI-compatible endpoint, answering tool calls from
+    /// the recording, and report step by step where the new run diverges.
+    Run {
+        /// The trace id of the recorded run.
+        trace_id: String,
+        /// The OpenAI-compatible API base URL (e.g. http://localhost:8000/v1).
+        #[arg(long)]
+        endpoint: String,
+        /// Bearer token for the endpoint.
+        #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Send every request to this model instead of the recorded one.
+        #[arg(long)]
+        model: Option<String>,
+        /// STEP=FILE: send the JSON array of messages in FILE at LLM step STEP (repeatable).
+        #[arg(long = "override")]
+        overrides: Vec<String>,
+        /// Read the bundle from this file (from `replay export`) instead of the data directory.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// The spanlake server that records the re-run (defaults to the configured HTTP
+        /// listen address).
+        #[arg(long)]
+        url: Option<String>,
+        /// Do not record the re-run as a trace. (Exit status: 0 when every step matched the
+        /// recording, 3 when the run diverged.)
+        #[arg(long)]
+        no_record: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Parquet,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// The query.
+    #[arg(long)]
+    sql: String,
+    /// File format.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    format: ExportFormat,
+    /// Output file.
+    file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +279,8 @@ fn main() -> anyhow::Result<()> {
         Command::Sql(args) => runtime.block_on(sql(config, args)),
         Command::Trace(args) => runtime.block_on(trace(config, args)),
         Command::Delete(args) => runtime.block_on(delete(config, args)),
+        Command::Replay(args) => runtime.block_on(replay_command(config, args)),
+        Command::Export(args) => runtime.block_on(export(config, args)),
     }
 }
 
@@ -267,5 +345,151 @@ async fn sql(config: Config, args: SqlArgs) -> anyhow::Result<()> {
     if !bytes.ends_with(b"\n") {
         out.write_all(b"\n")?;
     }
+    Ok(())
+}
+
+async fn replay_command(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
+    match args.command {
+        ReplayCommand::Export { trace_id, sql, output } => {
+            let engine = local_query_engine(&config).await?;
+            let ids: Vec<String> = match (trace_id, sql) {
+                (Some(id), None) => vec![id],
+                (None, Some(sql)) => {
+                    let result = engine.sql(&sql).await?;
+                    let mut ids = Vec::new();
+                    for b in &result.batches {
+                        let c =
+                            arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
+                        let c =
+                            c.as_any().downcast_ref::<arrow::array::StringArray>().expect("utf8");
+                        ids.extend(c.iter().flatten().map(str::to_string));
+                    }
+                    ids
+                }
+                _ => anyhow::bail!("give either a trace id or --sql"),
+            };
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let many = ids.len() != 1
+                || output.as_ref().is_some_and(|p| p.extension().is_some_and(|e| e == "jsonl"));
+            for id in &ids {
+                let Some(bundle) = spanlake_query::replay::replay_bundle(&engine, id).await? else {
+                    anyhow::bail!("trace {} not found", id.to_ascii_lowercase());
+                };
+                let text = if many {
+                    serde_json::to_string(&bundle)?
+                } else {
+                    serde_json::to_string_pretty(&bundle)?
+                };
+                writeln!(out, "{text}")?;
+            }
+            out.flush()?;
+            if let Some(path) = output {
+                eprintln!("wrote {} replay bundle(s) to {}", ids.len(), path.display());
+            }
+            Ok(())
+        }
+        ReplayCommand::Run {
+            trace_id,
+            endpoint,
+            api_key,
+            model,
+            overrides,
+            bundle,
+            url,
+            no_record,
+        } => {
+            let bundle: serde_json::Value = match bundle {
+                Some(path) => serde_json::from_slice(
+                    &std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .with_context(|| format!("{}: not a replay bundle", path.display()))?,
+                None => {
+                    let engine = local_query_engine(&config).await?;
+                    spanlake_query::replay::replay_bundle(&engine, &trace_id).await?.with_context(
+                        || format!("trace {} not found", trace_id.to_ascii_lowercase()),
+                    )?
+                }
+            };
+            let options = replay::RunOptions {
+                endpoint,
+                api_key,
+                model,
+                overrides: overrides
+                    .iter()
+                    .map(|o| replay::parse_override(o))
+                    .collect::<anyhow::Result<_>>()?,
+                record_to: (!no_record)
+                    .then(|| url.unwrap_or_else(|| format!("http://{}", config.listen.http))),
+            };
+            let outcome = replay::run(&bundle, &options).await?;
+            print!("{}", outcome.report);
+            std::io::stdout().flush()?;
+            if outcome.diverged_at.is_some() {
+                // Scripts (and tests built from failing traces) see a divergence in the status.
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn export(config: Config, args: ExportArgs) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let engine = local_query_engine(&config).await?;
+    let plan = engine.plan(&args.sql).await?;
+    let df = engine.context().execute_logical_plan(plan).await?;
+    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df.execute_stream().await?;
+    let file = std::fs::File::create(&args.file)
+        .with_context(|| format!("cannot create {}", args.file.display()))?;
+    let progress = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {human_pos} rows written ({per_sec}) {elapsed}",
+        )
+        .expect("progress template"),
+    );
+    enum Writer {
+        Jsonl(arrow::json::LineDelimitedWriter<std::io::BufWriter<std::fs::File>>),
+        Parquet(parquet::arrow::ArrowWriter<std::fs::File>),
+    }
+    let mut writer = match args.format {
+        ExportFormat::Jsonl => {
+            Writer::Jsonl(arrow::json::LineDelimitedWriter::new(std::io::BufWriter::new(file)))
+        }
+        ExportFormat::Parquet => {
+            let props = parquet::file::properties::WriterProperties::builder()
+                .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                .build();
+            Writer::Parquet(parquet::arrow::ArrowWriter::try_new(file, schema, Some(props))?)
+        }
+    };
+    let mut rows = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        match &mut writer {
+            Writer::Jsonl(w) => w.write(&batch)?,
+            Writer::Parquet(w) => w.write(&batch)?,
+        }
+        rows += batch.num_rows() as u64;
+        progress.set_position(rows);
+    }
+    match writer {
+        Writer::Jsonl(mut w) => {
+            w.finish()?;
+            w.into_inner().flush()?;
+        }
+        Writer::Parquet(w) => {
+            w.close()?;
+        }
+    }
+    progress.finish_and_clear();
+    eprintln!("wrote {rows} rows to {}", args.file.display());
     Ok(())
 }

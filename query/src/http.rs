@@ -32,6 +32,7 @@ pub fn router(engine: Arc<QueryEngine>) -> Router {
     Router::new()
         .route("/v1/sql", post(sql))
         .route("/v1/traces/{trace_id}", get(trace))
+        .route("/v1/traces/{trace_id}/replay", get(replay))
         .with_state(engine)
 }
 
@@ -43,6 +44,17 @@ pub fn admin_router(query: Arc<QueryEngine>, engine: Arc<Engine>) -> Router {
 async fn trace(State(engine): State<Arc<QueryEngine>>, Path(trace_id): Path<String>) -> Response {
     match crate::trace::trace_tree(&engine, &trace_id).await {
         Ok(Some(tree)) => Json(tree).into_response(),
+        Ok(None) => error_body(
+            StatusCode::NOT_FOUND,
+            &format!("trace {} not found", trace_id.to_ascii_lowercase()),
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn replay(State(engine): State<Arc<QueryEngine>>, Path(trace_id): Path<String>) -> Response {
+    match crate::replay::replay_bundle(&engine, &trace_id).await {
+        Ok(Some(bundle)) => Json(bundle).into_response(),
         Ok(None) => error_body(
             StatusCode::NOT_FOUND,
             &format!("trace {} not found", trace_id.to_ascii_lowercase()),

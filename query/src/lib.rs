@@ -7,6 +7,7 @@
 //!   for attribute access, and the read-only SQL sandbox used by every network frontend;
 //! * [`format`] — results as JSON, CSV, Arrow IPC or a table for people;
 //! * [`trace`] — a whole trace by id as a span tree, found through the trace index;
+//! * [`replay`] — replay bundles: a run's LLM requests and responses and tool calls;
 //! * [`admin`] — deletion of spans by predicate;
 //! * [`flight`] — Arrow Flight SQL (ADBC/JDBC drivers, Grafana's InfluxDB SQL mode);
 //! * [`pg`] — the Postgres wire protocol (psql, Grafana, BI tools) behind the SQL sandbox;
@@ -27,6 +28,7 @@ pub mod http;
 pub mod jaeger;
 pub mod pg;
 pub mod provider;
+pub mod replay;
 pub mod tempo;
 pub mod trace;
 

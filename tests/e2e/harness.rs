@@ -297,6 +297,13 @@ impl TestServer {
 
     /// Runs `spanlake <args>` on this server's data directory and returns its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.cli_status(args);
+        assert!(code == 0, "spanlake {args:?} failed: {stderr}");
+        stdout
+    }
+
+    /// Runs the CLI on the server's data directory; returns exit code, stdout and stderr.
+    pub fn cli_status(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(binary())
             .arg("--data-dir")
             .arg(&self.dir)
@@ -304,12 +311,11 @@ impl TestServer {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run spanlake");
-        assert!(
-            out.status.success(),
-            "spanlake {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// The server's process id.

@@ -8,5 +8,6 @@ mod flight;
 mod harness;
 mod lifecycle;
 mod postgres;
+mod replay;
 mod sdk_export;
 mod traceviews;
