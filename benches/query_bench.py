@@ -53,6 +53,9 @@ QUERIES = [
      "GROUP BY session_id ORDER BY e DESC, session_id LIMIT 20", None),
     ("substring_in_prompts",
      "SELECT count(*) FROM spans WHERE input LIKE '%sources cost latency%'", None),
+    ("content_search_one_hour",
+     "SELECT trace_id, span_id FROM spans WHERE start_time >= '{T0}' AND start_time < '{T1}' "
+     "AND (input LIKE '%sources cost latency%' OR output LIKE '%sources cost latency%') ORDER BY span_id LIMIT 100", None),
     ("trace_by_id",
      "SELECT span_id, name, duration_ms FROM spans WHERE trace_id = '{TRACE}' ORDER BY start_time", None),
     ("one_hour_window",
