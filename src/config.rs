@@ -39,6 +39,8 @@ pub struct Config {
     pub query: QuerySettings,
     /// Model prices for `cost_usd`.
     pub pricing: PricingConfig,
+    /// Redaction at ingest.
+    pub redaction: RedactionSettings,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             postgres: PostgresSettings::default(),
             query: QuerySettings::default(),
             pricing: PricingConfig::default(),
+            redaction: RedactionSettings::default(),
         }
     }
 }
@@ -185,6 +188,51 @@ impl Default for StorageConfig {
             file_delete_delay: HumanDuration(e.maintenance.file_delete_delay),
             orphan_grace: HumanDuration(e.orphan_grace),
         }
+    }
+}
+
+/// Redaction at ingest (see `spanlake_ingest::redact`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedactionSettings {
+    /// Built-in pattern rules: `email`, `credit_card`, `api_key`.
+    pub builtin: Vec<String>,
+    /// Attribute key globs (`*` wildcards) whose values are masked whole.
+    pub keys: Vec<String>,
+    /// Extra pattern rules.
+    pub patterns: Vec<RedactionPattern>,
+    /// Drop prompt and completion text of every project.
+    pub drop_content: bool,
+    /// Drop prompt and completion text of these projects.
+    pub drop_content_projects: Vec<String>,
+}
+
+/// One pattern rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionPattern {
+    /// Rule name (in the mask `[REDACTED:name]` and the metric label).
+    pub name: String,
+    /// Regular expression (Rust `regex` syntax).
+    pub pattern: String,
+}
+
+impl Config {
+    /// The redactor the configuration asks for, `None` when it redacts nothing.
+    pub fn redactor(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<spanlake_ingest::redact::Redactor>>> {
+        let r = &self.redaction;
+        let config = spanlake_ingest::redact::RedactionConfig {
+            builtin: r.builtin.clone(),
+            patterns: r.patterns.iter().map(|p| (p.name.clone(), p.pattern.clone())).collect(),
+            keys: r.keys.clone(),
+            drop_content: r.drop_content,
+            drop_content_projects: r.drop_content_projects.clone(),
+        };
+        let redactor = spanlake_ingest::redact::Redactor::new(&config)
+            .map_err(|e| anyhow::anyhow!("[redaction]: {e}"))?;
+        Ok((!redactor.is_noop()).then(|| std::sync::Arc::new(redactor)))
     }
 }
 

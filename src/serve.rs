@@ -26,6 +26,7 @@ struct AppState {
     ingest: Arc<IngestMetrics>,
     query: Arc<QueryMetrics>,
     store: Arc<StoreCounters>,
+    redactor: Option<Arc<spanlake_ingest::redact::Redactor>>,
     started: Instant,
 }
 
@@ -66,7 +67,12 @@ pub async fn serve(
         .await?,
     );
     let ingest_metrics: Arc<IngestMetrics> = Arc::default();
+    let redactor = config.redactor()?;
+    if let Some(r) = &redactor {
+        tracing::info!(redactor = ?r, "redaction at ingest is on");
+    }
     let context = NormalizeContext {
+        redactor: redactor.clone(),
         prices,
         limits: config.span_limits(),
         max_spans: config.ingest.max_spans_per_request,
@@ -83,6 +89,7 @@ pub async fn serve(
         ingest: ingest_metrics,
         query: query_metrics,
         store: store_counters,
+        redactor,
         started: Instant::now(),
     };
     let mut app = Router::new()
@@ -280,6 +287,9 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut e = Exposition::default();
     s.ingest.render(&mut e);
     s.engine.metrics().render(&mut e);
+    if let Some(r) = &s.redactor {
+        r.render(&mut e);
+    }
     s.query.render(&mut e);
     let (used, limit) = s.engine.memory();
     e.gauge("spanlake_memory_bytes", "Bytes held by ingest before Parquet", used as i64);

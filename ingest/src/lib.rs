@@ -16,6 +16,7 @@ pub mod http;
 pub mod json;
 pub mod limits;
 pub mod normalize;
+pub mod redact;
 pub mod service;
 
 pub use error::{Error, Result};

@@ -64,6 +64,8 @@ pub struct NormalizeContext {
     pub limits: SpanLimits,
     /// Most spans one request may carry.
     pub max_spans: usize,
+    /// Redaction applied to each request before it is normalised (`None`: none).
+    pub redactor: Option<Arc<crate::redact::Redactor>>,
 }
 
 impl Default for NormalizeContext {
@@ -72,6 +74,7 @@ impl Default for NormalizeContext {
             prices: Arc::new(PriceTable::default()),
             limits: SpanLimits::default(),
             max_spans: 100_000,
+            redactor: None,
         }
     }
 }

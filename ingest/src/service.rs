@@ -152,11 +152,15 @@ impl IngestService {
         let started = Instant::now();
         let _permit = self.admit().await?;
         let inner = Arc::clone(&self.inner);
+        let project_name = Arc::clone(&project);
         let normalized = spanlake_engine::on_cpu(move || -> Result<_> {
-            let req = match encoding {
+            let mut req = match encoding {
                 Encoding::Protobuf => spanlake_proto::decode_protobuf(&body)?,
                 Encoding::Json => spanlake_proto::decode_json(&body)?,
             };
+            if let Some(r) = &inner.context.redactor {
+                r.apply(&project_name, &mut req);
+            }
             Ok(normalize(&req, &inner.context)?)
         })
         .await
@@ -180,7 +184,15 @@ impl IngestService {
         let started = Instant::now();
         let _permit = self.admit().await?;
         let inner = Arc::clone(&self.inner);
-        let normalized = spanlake_engine::on_cpu(move || normalize(&req, &inner.context)).await??;
+        let project_name = Arc::clone(&project);
+        let normalized = spanlake_engine::on_cpu(move || {
+            let mut req = req;
+            if let Some(r) = &inner.context.redactor {
+                r.apply(&project_name, &mut req);
+            }
+            normalize(&req, &inner.context)
+        })
+        .await??;
         self.store(project, normalized, started).await
     }
 

@@ -10,4 +10,5 @@ mod lifecycle;
 mod postgres;
 mod replay;
 mod sdk_export;
+mod security;
 mod traceviews;

@@ -378,14 +378,23 @@ fn export_writes_query_results_as_json_lines_and_parquet() {
     // The replay bundles of every trace a query names, one per line.
     let bundles = tmp.path().join("bundles.jsonl");
     let ids = "SELECT DISTINCT trace_id FROM spans ORDER BY 1";
-    let (code, _, err) = server.cli_status(&["replay", "export", "--sql", ids, "-o", bundles.to_str().unwrap()]);
+    let (code, _, err) =
+        server.cli_status(&["replay", "export", "--sql", ids, "-o", bundles.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("wrote 3 replay bundle(s) to"), "{err}");
-    let lines: Vec<Value> =
-        std::fs::read_to_string(&bundles).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = std::fs::read_to_string(&bundles)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let expected: Vec<Value> = server.rows(ids).into_iter().map(|r| r[0].clone()).collect();
     assert_eq!(lines.iter().map(|b| b["trace_id"].clone()).collect::<Vec<_>>(), expected);
-    assert!(lines.iter().all(|b| b["format"] == "spanlake.replay/v1" && b["steps"].as_array().unwrap().len() == 3));
+    assert!(
+        lines
+            .iter()
+            .all(|b| b["format"] == "spanlake.replay/v1"
+                && b["steps"].as_array().unwrap().len() == 3)
+    );
     let (code, _, err) = server.cli_status(&[
         "export",
         "--sql",
