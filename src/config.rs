@@ -41,6 +41,8 @@ pub struct Config {
     pub pricing: PricingConfig,
     /// Redaction at ingest.
     pub redaction: RedactionSettings,
+    /// Authentication.
+    pub security: SecuritySettings,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             query: QuerySettings::default(),
             pricing: PricingConfig::default(),
             redaction: RedactionSettings::default(),
+            security: SecuritySettings::default(),
         }
     }
 }
@@ -189,6 +192,15 @@ impl Default for StorageConfig {
             orphan_grace: HumanDuration(e.orphan_grace),
         }
     }
+}
+
+/// Authentication settings (API keys are managed with `spanlake keys`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Listen beyond localhost while no API key exists (anyone who can reach the ports can
+    /// send and read everything).
+    pub allow_unauthenticated_network: bool,
 }
 
 /// Redaction at ingest (see `spanlake_ingest::redact`).

@@ -1,5 +1,6 @@
 //! The `spanlake` binary: command line, configuration and wiring.
 
+mod auth;
 mod config;
 mod replay;
 mod serve;
@@ -59,6 +60,37 @@ enum Command {
     Replay(ReplayArgs),
     /// Write any query's result to a file (JSON lines or Parquet), with a progress bar.
     Export(ExportArgs),
+    /// Manage API keys (stored hashed in the data directory).
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its secret (shown only now).
+    Create {
+        /// What the key may do.
+        #[arg(long, value_enum)]
+        role: auth::Role,
+        /// The project its spans go to and (for read keys) the only one it sees.
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// A name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (ids, roles, projects; never secrets).
+    List,
+    /// Revoke a key by id; running servers refuse it from the next request.
+    Revoke {
+        /// The key id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -281,6 +313,7 @@ fn main() -> anyhow::Result<()> {
         Command::Delete(args) => runtime.block_on(delete(config, args)),
         Command::Replay(args) => runtime.block_on(replay_command(config, args)),
         Command::Export(args) => runtime.block_on(export(config, args)),
+        Command::Keys(args) => keys_command(&config, args),
     }
 }
 
@@ -491,5 +524,36 @@ async fn export(config: Config, args: ExportArgs) -> anyhow::Result<()> {
     }
     progress.finish_and_clear();
     eprintln!("wrote {rows} rows to {}", args.file.display());
+    Ok(())
+}
+
+fn keys_command(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
+    match args.command {
+        KeysCommand::Create { role, project, name } => {
+            let (key, secret) = auth::create(&config.data_dir, &name, role, &project)?;
+            eprintln!(
+                "created key {} (role {}, project {}); its secret, shown only now:",
+                key.id, key.role, key.project
+            );
+            println!("{secret}");
+        }
+        KeysCommand::List => {
+            for k in auth::list(&config.data_dir)? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}{}",
+                    k.id,
+                    k.role,
+                    k.project,
+                    k.created,
+                    k.name,
+                    if k.revoked { "\trevoked" } else { "" }
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            auth::revoke(&config.data_dir, &id)?;
+            eprintln!("revoked key {id}");
+        }
+    }
     Ok(())
 }

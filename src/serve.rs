@@ -52,6 +52,8 @@ pub async fn serve(
     query_runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let prices = Arc::new(config.prices()?);
+    let keys = Arc::new(crate::auth::KeyStore::open(&config.data_dir)?);
+    check_exposure(&config, keys.enabled())?;
     let (engine, store_counters, faults) = open_engine(&config).await?;
     let query_metrics: Arc<QueryMetrics> = Arc::default();
     let mut query_config = config.query();
@@ -73,7 +75,7 @@ pub async fn serve(
     }
     let context = NormalizeContext {
         redactor: redactor.clone(),
-        prices,
+        prices: Arc::clone(&prices),
         limits: config.span_limits(),
         max_spans: config.ingest.max_spans_per_request,
     };
@@ -87,16 +89,44 @@ pub async fn serve(
     let state = AppState {
         engine: Arc::clone(&engine),
         ingest: ingest_metrics,
-        query: query_metrics,
+        query: Arc::clone(&query_metrics),
         store: store_counters,
         redactor,
         started: Instant::now(),
     };
+    let query_routes = |q: Arc<QueryEngine>| {
+        Router::new()
+            .merge(spanlake_query::http::router(Arc::clone(&q)))
+            .merge(spanlake_query::jaeger::router(Arc::clone(&q)))
+            .merge(spanlake_query::tempo::router(q))
+    };
+    let project_engine: crate::auth::ProjectEngine = {
+        let store = Arc::clone(engine.store());
+        let prices = Arc::clone(&prices);
+        let query_config = query_config.clone();
+        let metrics = Arc::clone(&query_metrics);
+        Box::new(move |project: String| {
+            let (store, prices, query_config, metrics) = (
+                Arc::clone(&store),
+                Arc::clone(&prices),
+                query_config.clone(),
+                Arc::clone(&metrics),
+            );
+            Box::pin(async move {
+                let q =
+                    QueryEngine::new(store, Some(project), prices, &query_config, metrics).await?;
+                Ok(Arc::new(q))
+            })
+        })
+    };
+    let http_auth = Arc::new(crate::auth::HttpAuth::new(
+        Arc::clone(&keys),
+        Box::new(query_routes),
+        project_engine,
+    ));
     let mut app = Router::new()
         .merge(spanlake_ingest::http::router(ingest.clone()))
-        .merge(spanlake_query::http::router(Arc::clone(&query)))
-        .merge(spanlake_query::jaeger::router(Arc::clone(&query)))
-        .merge(spanlake_query::tempo::router(Arc::clone(&query)))
+        .merge(query_routes(Arc::clone(&query)))
         .merge(spanlake_query::http::admin_router(Arc::clone(&query), Arc::clone(&engine)))
         .merge(
             Router::new()
@@ -109,6 +139,8 @@ pub async fn serve(
         app = app.route("/debug/faults", axum::routing::post(set_faults).with_state(faults));
     }
 
+    // Authentication wraps every route (a no-op while no API key exists).
+    let app = app.layer(axum::middleware::from_fn_with_state(http_auth, crate::auth::http_layer));
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_listener = tokio::net::TcpListener::bind(config.listen.http)
         .await
@@ -176,15 +208,17 @@ pub async fn serve(
                 .await
         })
     };
+    let grpc_keys = Arc::clone(&keys);
     let grpc = {
         let mut stop = stop_rx.clone();
         let incoming = tokio_stream_listener(grpc_listener);
         let max = config.request_limits().max_decompressed_bytes;
         task::spawn(async move {
             tonic::transport::Server::builder()
-                .add_service(
+                .add_service(tonic::service::interceptor::InterceptedService::new(
                     spanlake_ingest::grpc::trace_server(ingest).max_decoding_message_size(max),
-                )
+                    crate::auth::grpc_interceptor(grpc_keys),
+                ))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
@@ -206,7 +240,10 @@ pub async fn serve(
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
                 .context("TLS configuration of the Flight SQL listener")?;
         }
-        let service = spanlake_query::flight::service(Arc::clone(&query));
+        let service = tonic::service::interceptor::InterceptedService::new(
+            spanlake_query::flight::service(Arc::clone(&query)),
+            crate::auth::flight_interceptor(Arc::clone(&keys)),
+        );
         query_runtime.spawn(async move {
             server
                 .add_service(service)
@@ -236,6 +273,32 @@ pub async fn serve(
         .await
         .context("flush at shutdown failed; the WAL keeps the data for the next start")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Without API keys, listening beyond localhost needs `security.allow_unauthenticated_network`.
+fn check_exposure(config: &Config, keys: bool) -> anyhow::Result<()> {
+    let l = &config.listen;
+    let exposed: Vec<String> =
+        [("HTTP", l.http), ("gRPC", l.grpc), ("Postgres", l.postgres), ("Flight SQL", l.flight)]
+            .into_iter()
+            .filter(|(_, a)| !a.ip().is_loopback())
+            .map(|(what, a)| format!("{what} {a}"))
+            .collect();
+    if keys {
+        tracing::info!("API keys are configured: every request must carry one");
+    } else if exposed.is_empty() {
+        tracing::info!(
+            "no API key exists: listening on localhost only, without authentication (create keys with `spanlake keys create`)"
+        );
+    } else if config.security.allow_unauthenticated_network {
+        tracing::warn!(listeners = ?exposed, "listening beyond localhost WITHOUT authentication (security.allow_unauthenticated_network)");
+    } else {
+        anyhow::bail!(
+            "no API key exists and {} would be reachable beyond localhost without authentication: create a key with `spanlake keys create --role admin`, listen on 127.0.0.1, or set security.allow_unauthenticated_network = true",
+            exposed.join(", ")
+        );
+    }
     Ok(())
 }
 

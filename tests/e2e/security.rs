@@ -209,3 +209,301 @@ fn dropping_content_keeps_no_prompt_or_completion_text() {
     }
     assert!(server.metric("spanlake_content_dropped_total") > 0.0);
 }
+
+fn spans_of(trace_byte: u8, service: &str, n: u8, text: &str) -> Vec<u8> {
+    let spans = (0..n)
+        .map(|i| Span {
+            trace_id: vec![trace_byte; 16],
+            span_id: vec![i + 1; 8],
+            parent_span_id: if i == 0 { vec![] } else { vec![1; 8] },
+            name: format!("step {i}"),
+            start_time_unix_nano: 1_795_467_600_000_000_000 + u64::from(i) * 1_000_000,
+            end_time_unix_nano: 1_795_467_600_500_000_000 + u64::from(i) * 1_000_000,
+            attributes: vec![
+                kv("gen_ai.operation.name", "chat"),
+                kv("gen_ai.request.model", "m"),
+                kv("note", text),
+            ],
+            ..Default::default()
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                attributes: vec![kv("service.name", service)],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+fn call(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+) -> (u16, serde_json::Value) {
+    let client = reqwest::blocking::Client::new();
+    let mut req = client.request(method.parse().unwrap(), server.url(path));
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    if let Some((ct, b)) = body {
+        req = req.header("content-type", ct).body(b);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+fn sql_as(server: &TestServer, key: &str, sql: &str) -> (u16, serde_json::Value) {
+    call(
+        server,
+        "POST",
+        "/v1/sql",
+        Some(key),
+        Some(("application/json", serde_json::json!({"sql": sql}).to_string().into_bytes())),
+    )
+}
+
+#[test]
+fn api_keys_roles_and_projects_on_every_interface() {
+    let server = TestServer::start();
+    let create = |role: &str, project: &str| {
+        server.cli(&["keys", "create", "--role", role, "--project", project]).trim().to_string()
+    };
+    let ingest_a = create("ingest", "a");
+    let ingest_b = create("ingest", "b");
+    let read_a = create("read", "a");
+    let admin = create("admin", "default");
+    let listed = server.cli(&["keys", "list"]);
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    assert!(!listed.contains(&ingest_a), "secrets are never listed");
+    let key_file = std::fs::read_to_string(server.data_dir().join("keys.json")).unwrap();
+    assert!(!key_file.contains(&ingest_a) && !key_file.contains(&admin), "only hashes are stored");
+
+    let pb = "application/x-protobuf";
+    // No key, a wrong key, a key of the wrong role.
+    let (status, body) = call(
+        &server,
+        "POST",
+        "/v1/traces",
+        None,
+        Some((pb, spans_of(0xa1, "svc-a", 3, "alpha-only"))),
+    );
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (401, "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+    );
+    let (status, body) = call(
+        &server,
+        "POST",
+        "/v1/traces",
+        Some("slk_00000000_0000"),
+        Some((pb, spans_of(0xa1, "svc-a", 3, "alpha-only"))),
+    );
+    assert_eq!((status, body["error"].as_str().unwrap()), (401, "invalid or revoked API key"));
+    let (status, body) = call(
+        &server,
+        "POST",
+        "/v1/traces",
+        Some(&read_a),
+        Some((pb, spans_of(0xa1, "svc-a", 3, "alpha-only"))),
+    );
+    assert_eq!(status, 403);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("has role read: sending spans needs an ingest or admin key"),
+        "{body}"
+    );
+    let (status, body) = sql_as(&server, &ingest_a, "SELECT 1");
+    assert_eq!(status, 403);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("has role ingest: queries need a read or admin key"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &server,
+        "POST",
+        "/v1/admin/delete",
+        Some(&read_a),
+        Some(("application/json", br#"{"where": "true"}"#.to_vec())),
+    );
+    assert_eq!(status, 403);
+    assert!(
+        body["error"].as_str().unwrap().ends_with("this operation needs an admin key"),
+        "{body}"
+    );
+    assert_eq!(call(&server, "GET", "/health", None, None).0, 200);
+    assert_eq!(server.sql_status("SELECT 1").0, 401);
+
+    // Project a over HTTP, project b over gRPC (x-api-key metadata).
+    assert_eq!(
+        call(
+            &server,
+            "POST",
+            "/v1/traces",
+            Some(&ingest_a),
+            Some((pb, spans_of(0xa1, "svc-a", 3, "alpha-only")))
+        )
+        .0,
+        200
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let mut client = TraceServiceClient::connect(server.grpc_endpoint()).await.unwrap();
+        let req = || ExportTraceServiceRequest::decode(spans_of(0xb2, "svc-b", 2, "beta-only").as_slice()).unwrap();
+        let e = client.export(req()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        let mut r = tonic::Request::new(req());
+        r.metadata_mut().insert("x-api-key", read_a.parse().unwrap());
+        assert_eq!(client.export(r).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+        let mut r = tonic::Request::new(req());
+        r.metadata_mut().insert("x-api-key", ingest_b.parse().unwrap());
+        client.export(r).await.expect("ingest key of project b");
+    });
+    let tb = "b2".repeat(16);
+    let ta = "a1".repeat(16);
+    assert_eq!(sql_as(&server, &admin, "SELECT count(*) FROM spans").1["rows"][0][0], 5);
+    assert_eq!(
+        sql_as(&server, &admin, "SELECT service_name, count(*) FROM spans GROUP BY 1 ORDER BY 1").1
+            ["rows"],
+        serde_json::json!([["svc-a", 3], ["svc-b", 2]])
+    );
+    // A reader of project a sees a only, whatever the SQL.
+    for (sql, expected) in [
+        ("SELECT count(*) FROM spans", serde_json::json!([[3]])),
+        (
+            &format!("SELECT count(*) FROM spans WHERE trace_id = '{tb}'") as &str,
+            serde_json::json!([[0]]),
+        ),
+        ("SELECT count(*) FROM traces", serde_json::json!([[1]])),
+        (
+            "SELECT count(*) FROM (SELECT trace_id FROM spans UNION ALL SELECT trace_id FROM spans)",
+            serde_json::json!([[6]]),
+        ),
+        (
+            "SELECT count(*) FROM spans s JOIN traces t ON s.trace_id = t.trace_id",
+            serde_json::json!([[3]]),
+        ),
+        (
+            "SELECT count(*) FROM spans WHERE trace_id IN (SELECT trace_id FROM spans WHERE service_name = 'svc-b')",
+            serde_json::json!([[0]]),
+        ),
+        (
+            "SELECT count(*) FROM spans WHERE attributes LIKE '%beta-only%'",
+            serde_json::json!([[0]]),
+        ),
+        ("SELECT DISTINCT service_name FROM spans", serde_json::json!([["svc-a"]])),
+        (
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+            serde_json::json!([["sessions"], ["spans"], ["traces"]]),
+        ),
+    ] {
+        let (status, body) = sql_as(&server, &read_a, sql);
+        assert_eq!(status, 200, "{sql}: {body}");
+        assert_eq!(body["rows"], expected, "{sql}");
+    }
+    for (sql, refusal) in [
+        ("SELECT * FROM read_parquet('spans/project=b')", "read_parquet"),
+        ("SELECT * FROM 'spans/project=b'", "not found"),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION 'spans/project=b'",
+            "CREATE EXTERNAL TABLE is not allowed",
+        ),
+        ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY is not allowed"),
+        ("SET datafusion.execution.batch_size = 1", "SET is not allowed"),
+    ] {
+        let (status, body) = sql_as(&server, &read_a, sql);
+        assert_eq!(status, 400, "{sql}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(refusal), "{sql}: {body}");
+    }
+    let r = call(&server, "GET", &format!("/v1/traces/{tb}"), Some(&read_a), None);
+    assert_eq!(r.0, 404, "{r:?}");
+    assert_eq!(
+        call(&server, "GET", &format!("/v1/traces/{ta}"), Some(&read_a), None).1["span_count"],
+        3
+    );
+    assert_eq!(
+        call(&server, "GET", &format!("/v1/traces/{tb}/replay"), Some(&read_a), None).0,
+        404
+    );
+    assert_eq!(call(&server, "GET", &format!("/api/v2/traces/{tb}"), Some(&read_a), None).0, 404);
+    assert_eq!(
+        call(&server, "GET", "/api/services", Some(&read_a), None).1["data"],
+        serde_json::json!(["svc-a"])
+    );
+    let (_, found) = call(
+        &server,
+        "GET",
+        "/api/traces?service=svc-b&start=0&end=2000000000000000",
+        Some(&read_a),
+        None,
+    );
+    assert_eq!(found["data"], serde_json::json!([]));
+    assert_eq!(call(&server, "GET", &format!("/api/traces/{tb}"), Some(&read_a), None).0, 404);
+    assert_eq!(call(&server, "GET", &format!("/api/traces/{tb}"), Some(&admin), None).0, 200);
+
+    // Flight SQL: admin keys only.
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!(
+            "http://127.0.0.1:{}",
+            server.flight_port
+        ))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+        let mut c = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+        let e = c.execute("SELECT count(*) FROM spans".into(), None).await.unwrap_err().to_string();
+        assert!(e.contains("missing API key"), "{e}");
+        c.set_token(read_a.clone());
+        let e = c.execute("SELECT count(*) FROM spans".into(), None).await.unwrap_err().to_string();
+        assert!(e.contains("Flight SQL serves admin keys only"), "{e}");
+        c.set_token(admin.clone());
+        c.execute("SELECT count(*) FROM spans".into(), None).await.expect("admin key");
+    });
+
+    // Revoked keys are refused from the next request.
+    let id = read_a.split('_').nth(1).unwrap();
+    server.cli(&["keys", "revoke", id]);
+    assert_eq!(sql_as(&server, &read_a, "SELECT 1").0, 401);
+}
+
+#[test]
+fn without_keys_only_localhost_is_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::harness::binary())
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args([
+            "serve",
+            "--http-listen",
+            "0.0.0.0:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--pg-listen",
+            "127.0.0.1:0",
+            "--flight-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no API key exists and HTTP 0.0.0.0:0 would be reachable beyond localhost without authentication"),
+        "{err}"
+    );
+}
