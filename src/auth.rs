@@ -431,3 +431,17 @@ pub fn flight_interceptor(
         }
     }
 }
+
+/// API keys for the Postgres listener: admin keys as passwords (it serves every project).
+#[derive(Debug)]
+pub struct PgKeys(pub Arc<KeyStore>);
+
+impl spanlake_query::pg::PasswordKeys for PgKeys {
+    fn enabled(&self) -> bool {
+        self.0.enabled()
+    }
+
+    fn accepts(&self, password: &str) -> bool {
+        self.0.check(Some(password), Access::Read).is_ok_and(|k| k.role == Role::Admin)
+    }
+}

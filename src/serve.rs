@@ -163,6 +163,9 @@ pub async fn serve(
         },
         users: config.postgres.users.iter().map(|u| (u.name.clone(), u.password.clone())).collect(),
         timeout: config.query.timeout.0,
+        api_keys: Some(spanlake_query::pg::ApiKeys(Arc::new(crate::auth::PgKeys(Arc::clone(
+            &keys,
+        ))))),
         ..Default::default()
     };
     if pg_config.users.is_empty() {

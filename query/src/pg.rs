@@ -62,6 +62,26 @@ pub struct PgConfig {
     pub users: Vec<(String, String)>,
     /// Longest a query may run (simple protocol).
     pub timeout: std::time::Duration,
+    /// API keys: while any is in force, the password must be one the check accepts.
+    pub api_keys: Option<ApiKeys>,
+}
+
+/// API key checks for the Postgres listener (provided by the binary).
+pub trait PasswordKeys: Send + Sync {
+    /// Whether keys are in force.
+    fn enabled(&self) -> bool;
+    /// Whether `password` is a key allowed to use the Postgres frontend.
+    fn accepts(&self, password: &str) -> bool;
+}
+
+/// A shared [`PasswordKeys`].
+#[derive(Clone)]
+pub struct ApiKeys(pub Arc<dyn PasswordKeys>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKeys")
+    }
 }
 
 impl Default for PgConfig {
@@ -72,6 +92,7 @@ impl Default for PgConfig {
             max_connections: 256,
             users: Vec::new(),
             timeout: std::time::Duration::from_secs(300),
+            api_keys: None,
         }
     }
 }
@@ -323,18 +344,29 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     let service =
         Arc::new(DfSessionService::new_with_hooks(Arc::new(engine.context().clone()), hooks));
     let connections = Arc::new(ConnectionManager::new());
-    let password = (!config.users.is_empty()).then(|| {
-        let users: HashMap<String, String> = config.users.iter().cloned().collect();
-        CleartextPasswordAuthStartupHandler::new(
-            ConfigUsers(Arc::new(users)),
-            DefaultServerParameterProvider::default(),
-        )
-        .with_connection_manager(Arc::clone(&connections))
-    });
+    let users: HashMap<String, String> = config.users.iter().cloned().collect();
+    // What a password accepted by the API key check is replaced with before the cleartext
+    // handler compares it: random per process, so no client can send it.
+    let marker = format!("{:032x}", rand_u128());
+    let password = CleartextPasswordAuthStartupHandler::new(
+        ConfigUsers {
+            users: Arc::new(users),
+            keys: config.api_keys.clone(),
+            marker: marker.clone(),
+        },
+        DefaultServerParameterProvider::default(),
+    )
+    .with_connection_manager(Arc::clone(&connections));
     let handlers = Handlers {
         simple: Arc::new(Simple { inner: Arc::clone(&service), timeout: config.timeout }),
         extended: Arc::new(Extended { inner: Arc::clone(&service), timeout: config.timeout }),
-        startup: Arc::new(Startup { password, open: OpenStartup(Arc::clone(&connections)) }),
+        startup: Arc::new(Startup {
+            password,
+            users: !config.users.is_empty(),
+            keys: config.api_keys.clone(),
+            marker,
+            open: OpenStartup(Arc::clone(&connections)),
+        }),
         cancel: Arc::new(DefaultCancelHandler::new(connections)),
     };
     serve_with_handlers(Arc::new(handlers), &opts).await
@@ -342,7 +374,26 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
 
 /// The users of `[[postgres.users]]`.
 #[derive(Debug)]
-struct ConfigUsers(Arc<HashMap<String, String>>);
+struct ConfigUsers {
+    users: Arc<HashMap<String, String>>,
+    keys: Option<ApiKeys>,
+    marker: String,
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut out = 0u128;
+    for _ in 0..2 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        out = (out << 64) | u128::from(h.finish());
+    }
+    out
+}
 
 #[async_trait]
 impl AuthSource for ConfigUsers {
@@ -352,7 +403,10 @@ impl AuthSource for ConfigUsers {
     )]
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         let user = login.user().unwrap_or_default();
-        match self.0.get(user) {
+        if self.keys.as_ref().is_some_and(|k| k.0.enabled()) {
+            return Ok(Password::new(None, self.marker.as_bytes().to_vec()));
+        }
+        match self.users.get(user) {
             Some(p) => Ok(Password::new(None, p.as_bytes().to_vec())),
             // The same answer as a wrong password: whether a user exists is not revealed.
             None => Err(PgWireError::InvalidPassword(user.to_string())),
@@ -369,10 +423,13 @@ impl NoopStartupHandler for OpenStartup {
     }
 }
 
-/// Password authentication when users are configured, none otherwise.
+/// Password authentication while API keys are in force (an admin key as the password) or
+/// users are configured, none otherwise.
 struct Startup {
-    password:
-        Option<CleartextPasswordAuthStartupHandler<ConfigUsers, DefaultServerParameterProvider>>,
+    password: CleartextPasswordAuthStartupHandler<ConfigUsers, DefaultServerParameterProvider>,
+    users: bool,
+    keys: Option<ApiKeys>,
+    marker: String,
     open: OpenStartup,
 }
 
@@ -388,10 +445,25 @@ impl StartupHandler for Startup {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        match &self.password {
-            Some(p) => p.on_startup(client, message).await,
-            None => self.open.on_startup(client, message).await,
+        let keys = self.keys.as_ref().filter(|k| k.0.enabled());
+        if keys.is_none() && !self.users {
+            return self.open.on_startup(client, message).await;
         }
+        let message = match (keys, message) {
+            (Some(k), PgWireFrontendMessage::PasswordMessageFamily(pwd)) => {
+                let mut password = pwd.into_password()?;
+                password.password = if k.0.accepts(&password.password) {
+                    self.marker.clone()
+                } else {
+                    String::new()
+                };
+                PgWireFrontendMessage::PasswordMessageFamily(
+                    pgwire::messages::startup::PasswordMessageFamily::Password(password),
+                )
+            }
+            (_, m) => m,
+        };
+        self.password.on_startup(client, message).await
     }
 }
 

@@ -475,6 +475,39 @@ fn api_keys_roles_and_projects_on_every_interface() {
         c.execute("SELECT count(*) FROM spans".into(), None).await.expect("admin key");
     });
 
+    // Postgres: an admin key as the password (it serves every project); nothing else.
+    let psql = |password: &str| {
+        let out = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.pg_port.to_string(),
+                "-U",
+                "grafana",
+                "-d",
+                "spanlake",
+            ])
+            .args(["-X", "-A", "-t", "-w", "-c", "SELECT count(*) FROM spans"])
+            .env("PGPASSWORD", password)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(psql(&admin).0, "5");
+    for wrong in [read_a.as_str(), ingest_a.as_str(), "", "slk_00000000_00"] {
+        let (out, err) = psql(wrong);
+        assert!(
+            out.is_empty()
+                && (err.contains("Password authentication failed for user \"grafana\"")
+                    || err.contains("no password supplied")),
+            "{wrong}: {out} {err}"
+        );
+    }
+
     // Revoked keys are refused from the next request.
     let id = read_a.split('_').nth(1).unwrap();
     server.cli(&["keys", "revoke", id]);
