@@ -201,23 +201,46 @@ pub async fn serve(
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    let tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let http = {
         let mut stop = stop_rx.clone();
+        let tls = tls.clone();
         task::spawn(async move {
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+            match tls {
+                None => {
+                    axum::serve(http_listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                }
+                Some(acceptor) => serve_tls(http_listener, app, acceptor, stop).await,
+            }
         })
     };
     let grpc_keys = Arc::clone(&keys);
+    let grpc_tls = match (&config.listen.tls_cert, &config.listen.tls_key) {
+        (Some(cert), Some(key)) => Some(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+            ),
+        )),
+        _ => None,
+    };
     let grpc = {
         let mut stop = stop_rx.clone();
         let incoming = tokio_stream_listener(grpc_listener);
         let max = config.request_limits().max_decompressed_bytes;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = grpc_tls {
+            builder = builder.tls_config(tls).context("TLS configuration of the gRPC listener")?;
+        }
         task::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(tonic::service::interceptor::InterceptedService::new(
                     spanlake_ingest::grpc::trace_server(ingest).max_decoding_message_size(max),
                     crate::auth::grpc_interceptor(grpc_keys),
@@ -276,6 +299,64 @@ pub async fn serve(
         .await
         .context("flush at shutdown failed; the WAL keeps the data for the next start")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// A TLS acceptor for a PEM certificate chain and PKCS#8 (or RSA/SEC1) key.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("cannot read {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("{}: not a PEM certificate chain", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("cannot read {}", key.display()))?,
+    ))
+    .with_context(|| format!("{}: not a PEM private key", key.display()))?
+    .with_context(|| format!("{}: no private key found", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key do not match")?;
+    let mut config = config;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` over TLS until `stop`, letting open connections finish.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        task::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn =
+                builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+    }
+    graceful.shutdown().await;
     Ok(())
 }
 

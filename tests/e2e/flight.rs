@@ -226,10 +226,11 @@ print(json.dumps({"rows": [list(r) for r in rows], "n": n[0][0], "types": [str(f
     assert_eq!(v["tables"], serde_json::json!(["sessions", "spans", "traces"]));
 }
 
-/// With `listen.tls_cert` and `listen.tls_key` set, psql connects to the Postgres listener over
+/// With `listen.tls_cert` and `listen.tls_key` set, every listener speaks TLS: OTLP/HTTP and SQL
+/// over HTTPS (curl), OTLP/gRPC (tonic), and psql connects to the Postgres listener over
 /// TLS (`sslmode=require`) and a Flight SQL client over TLS trusting that certificate.
 #[test]
-fn postgres_and_flight_sql_speak_tls_when_a_certificate_is_configured() {
+fn every_listener_speaks_tls_when_a_certificate_is_configured() {
     let tmp = tempfile::tempdir().unwrap();
     let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
     let out = std::process::Command::new("openssl")
@@ -265,9 +266,39 @@ fn postgres_and_flight_sql_speak_tls_when_a_certificate_is_configured() {
     .unwrap();
     let server = TestServer::start_with(crate::harness::ServerOptions {
         env: vec![("SPANLAKE_CONFIG".into(), config.display().to_string())],
+        https: true,
         ..Default::default()
     });
-    send_spans(&server);
+    // OTLP/HTTP and the SQL API over HTTPS (curl trusting the certificate).
+    let body = tmp.path().join("spans.pb");
+    std::fs::write(&body, crate::postgres::spans_body()).unwrap();
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-S", "--cacert"])
+            .arg(&cert)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let base = format!("https://localhost:{}", server.http_port);
+    curl(&[
+        "-f",
+        "-H",
+        "content-type: application/x-protobuf",
+        "--data-binary",
+        &format!("@{}", body.display()),
+        &format!("{base}/v1/traces"),
+    ]);
+    let answer = curl(&[
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"sql": "SELECT count(*) AS n FROM spans"}"#,
+        &format!("{base}/v1/sql"),
+    ]);
+    assert!(answer.contains("\"rows\":[[40]]"), "{answer}");
 
     let out = std::process::Command::new("psql")
         .arg(format!(
@@ -297,6 +328,23 @@ fn postgres_and_flight_sql_speak_tls_when_a_certificate_is_configured() {
         let mut c = FlightSqlServiceClient::new(channel);
         let info = c.execute("SELECT count(*) AS n FROM spans".into(), None).await.unwrap();
         assert_eq!(ints(&fetch(&mut c, info).await, "n"), [40]);
+        // OTLP/gRPC over TLS.
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&cert).unwrap()))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://127.0.0.1:{}", server.grpc_port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("TLS connection to OTLP/gRPC");
+        let req = <opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as prost::Message>::decode(
+            crate::postgres::spans_body().as_slice(),
+        )
+        .unwrap();
+        TraceServiceClient::new(channel).export(req).await.expect("export over TLS");
         // A plaintext client gets no answer from the TLS listener.
         let mut plain = client(&server).await;
         assert!(plain.execute("SELECT 1".into(), None).await.is_err());

@@ -69,6 +69,7 @@ pub struct TestServer {
     pub flight_port: u16,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    https: bool,
     log: PathBuf,
 }
 
@@ -81,6 +82,8 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Data directory to use instead of a fresh temporary one.
     pub data_dir: Option<PathBuf>,
+    /// The HTTP listener speaks TLS (readiness is checked with `curl -k`).
+    pub https: bool,
 }
 
 impl TestServer {
@@ -104,6 +107,7 @@ impl TestServer {
             flight_port: free_port(),
             extra: options.args,
             env: options.env,
+            https: options.https,
             log,
         };
         s.spawn();
@@ -150,7 +154,16 @@ impl TestServer {
             {
                 panic!("spanlake exited during start ({status}):\n{}", self.log_text());
             }
-            if client.get(self.url("/health")).send().is_ok_and(|r| r.status().is_success()) {
+            let healthy = if self.https {
+                Command::new("curl")
+                    .args(["-k", "-s", "-f", "-o", "/dev/null"])
+                    .arg(format!("https://127.0.0.1:{}/health", self.http_port))
+                    .status()
+                    .is_ok_and(|s| s.success())
+            } else {
+                client.get(self.url("/health")).send().is_ok_and(|r| r.status().is_success())
+            };
+            if healthy {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

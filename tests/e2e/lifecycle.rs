@@ -127,6 +127,7 @@ fn lifecycle(location: &str, env: Vec<(String, String)>) {
         args: vec!["--location".into(), location.into()],
         env,
         data_dir: Some(tmp.path().join("node-a")),
+        ..Default::default()
     };
     let mut server = TestServer::start_with(options);
 
@@ -411,6 +412,7 @@ fn crashes_at_every_commit_step_lose_nothing() {
             ],
             env: vec![("SPANLAKE_CONFIG".into(), config)],
             data_dir: Some(tmp.path().join("node")),
+            ..Default::default()
         });
         let arm = |server: &TestServer| {
             let r = reqwest::blocking::Client::new()

@@ -17,6 +17,12 @@ pub(crate) const BASE_NS: u64 = 1_795_468_500_000_000_000; // 2026-11-23T21:15:0
 
 /// 40 LLM spans: user u-0..u-3 (10 each), input tokens 100 + i, model m-0/m-1 alternating.
 pub(crate) fn send_spans(server: &TestServer) {
+    let (status, _) = server.post_traces("application/x-protobuf", spans_body(), None);
+    assert_eq!(status, 200);
+}
+
+/// The OTLP protobuf body of [`send_spans`].
+pub(crate) fn spans_body() -> Vec<u8> {
     let kv = |k: &str, v: any_value::Value| KeyValue {
         key: k.into(),
         value: Some(AnyValue { value: Some(v) }),
@@ -39,15 +45,13 @@ pub(crate) fn send_spans(server: &TestServer) {
             ..Default::default()
         })
         .collect();
-    let body = ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
             ..Default::default()
         }],
     }
-    .encode_to_vec();
-    let (status, _) = server.post_traces("application/x-protobuf", body, None);
-    assert_eq!(status, 200);
+    .encode_to_vec()
 }
 
 /// A tokio-postgres session as `user`; its connection task runs on the caller's runtime.
