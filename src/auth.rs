@@ -8,7 +8,8 @@
 //! to listen beyond localhost unless `security.allow_unauthenticated_network` says so.
 //!
 //! Roles: `ingest` may only send spans (OTLP), into its project; `read` may only query, and sees
-//! only its project's spans in SQL, views, trace lookup, replay, Jaeger and Tempo APIs; `admin`
+//! only its project's spans in SQL, views, trace lookup, replay, Jaeger and Tempo APIs and Flight
+//! SQL (Postgres takes admin keys only); `admin`
 //! may do everything, sees every project and sends into its own.
 
 use std::collections::HashMap;
@@ -404,11 +405,12 @@ pub fn grpc_interceptor(
     }
 }
 
-/// A tonic interceptor for Flight SQL: admin keys only (Flight SQL sees every project).
+/// A tonic interceptor for Flight SQL: read keys are scoped to their project, admin keys see
+/// every project.
 pub fn flight_interceptor(
     keys: Arc<KeyStore>,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |req: tonic::Request<()>| {
+    move |mut req: tonic::Request<()>| {
         if !keys.enabled() {
             return Ok(req);
         }
@@ -422,10 +424,10 @@ pub fn flight_interceptor(
         }
         match keys.check(secret_of(&headers).as_deref(), Access::Read) {
             Ok(key) if key.role == Role::Admin => Ok(req),
-            Ok(key) => Err(tonic::Status::permission_denied(format!(
-                "API key {} is scoped to project {}: Flight SQL serves admin keys only; query a project through POST /v1/sql",
-                key.id, key.project
-            ))),
+            Ok(key) => {
+                req.extensions_mut().insert(spanlake_query::flight::FlightProject(key.project));
+                Ok(req)
+            }
             Err(r @ Refusal::Forbidden(_)) => Err(tonic::Status::permission_denied(r.message())),
             Err(r) => Err(tonic::Status::unauthenticated(r.message())),
         }

@@ -266,8 +266,43 @@ pub async fn serve(
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
                 .context("TLS configuration of the Flight SQL listener")?;
         }
+        // A project-scoped key's Flight SQL requests run on its project's engine.
+        let flight_engines: spanlake_query::flight::EngineFor = {
+            let cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<QueryEngine>>>> =
+                Arc::default();
+            let store = Arc::clone(engine.store());
+            let prices = Arc::clone(&prices);
+            let query_config = query_config.clone();
+            let metrics = Arc::clone(&query_metrics);
+            Arc::new(move |project: String| {
+                let (cache, store, prices, query_config, metrics) = (
+                    Arc::clone(&cache),
+                    Arc::clone(&store),
+                    Arc::clone(&prices),
+                    query_config.clone(),
+                    Arc::clone(&metrics),
+                );
+                Box::pin(async move {
+                    if let Some(q) = cache.lock().expect("lock").get(&project) {
+                        return Ok(Arc::clone(q));
+                    }
+                    let q = QueryEngine::new(
+                        store,
+                        Some(project.clone()),
+                        prices,
+                        &query_config,
+                        metrics,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    let q = Arc::new(q);
+                    cache.lock().expect("lock").entry(project).or_insert_with(|| Arc::clone(&q));
+                    Ok(q)
+                })
+            })
+        };
         let service = tonic::service::interceptor::InterceptedService::new(
-            spanlake_query::flight::service(Arc::clone(&query)),
+            spanlake_query::flight::service_with_projects(Arc::clone(&query), flight_engines),
             crate::auth::flight_interceptor(Arc::clone(&keys)),
         );
         query_runtime.spawn(async move {

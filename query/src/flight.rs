@@ -55,12 +55,34 @@ type DoGetStream = <FlightSql as FlightService>::DoGetStream;
 #[derive(Clone)]
 pub struct FlightSql {
     query: Arc<QueryEngine>,
+    projects: Option<EngineFor>,
     info: Arc<SqlInfoData>,
 }
+
+/// Set by an authenticating interceptor: the request may see this project only.
+#[derive(Debug, Clone)]
+pub struct FlightProject(pub String);
+
+/// The query engine of one project (created on first use by the caller's cache).
+pub type EngineFor = Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<Arc<QueryEngine>, String>>
+        + Send
+        + Sync,
+>;
 
 /// The gRPC service to mount on a tonic server.
 pub fn service(query: Arc<QueryEngine>) -> FlightServiceServer<FlightSql> {
     FlightServiceServer::new(FlightSql::new(query))
+}
+
+/// The service, serving requests marked with a [`FlightProject`] from that project's engine.
+pub fn service_with_projects(
+    query: Arc<QueryEngine>,
+    projects: EngineFor,
+) -> FlightServiceServer<FlightSql> {
+    let mut svc = FlightSql::new(query);
+    svc.projects = Some(projects);
+    FlightServiceServer::new(svc)
 }
 
 impl std::fmt::Debug for FlightSql {
@@ -82,20 +104,31 @@ impl FlightSql {
         info.append(SqlInfo::FlightSqlServerTransaction, 0_i32);
         info.append(SqlInfo::FlightSqlServerCancel, false);
         let info = Arc::new(info.build().expect("static SqlInfo"));
-        Self { query, info }
+        Self { query, projects: None, info }
+    }
+
+    /// The engine a request may use: its project's when an interceptor scoped it.
+    async fn engine<T>(&self, request: &Request<T>) -> Result<Arc<QueryEngine>, Status> {
+        match (request.extensions().get::<FlightProject>(), &self.projects) {
+            (Some(p), Some(engines)) => engines(p.0.clone()).await.map_err(Status::internal),
+            (Some(_), None) => {
+                Err(Status::permission_denied("project-scoped requests are not served here"))
+            }
+            (None, _) => Ok(Arc::clone(&self.query)),
+        }
     }
 
     async fn run(
-        &self,
+        engine: &QueryEngine,
         sql: &str,
         params: Option<ParamValues>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let result = self.query.query(sql, params).await.map_err(status)?;
+        let result = engine.query(sql, params).await.map_err(status)?;
         Ok(Response::new(encode(result.schema, result.batches)))
     }
 
-    async fn tables(&self) -> Vec<(String, String, String, TableType, SchemaRef)> {
-        let ctx = self.query.context();
+    async fn tables(engine: &QueryEngine) -> Vec<(String, String, String, TableType, SchemaRef)> {
+        let ctx = engine.context();
         let mut out = Vec::new();
         for catalog_name in ctx.catalog_names() {
             let Some(catalog) = ctx.catalog(&catalog_name) else { continue };
@@ -251,7 +284,8 @@ impl FlightSqlService for FlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let plan = self.query.plan(&query.query).await.map_err(status)?;
+        let engine = self.engine(&request).await?;
+        let plan = engine.plan(&query.query).await.map_err(status)?;
         let schema = plan.schema().as_arrow().clone();
         let ticket = TicketStatementQuery { statement_handle: query.query.into_bytes().into() };
         info_for(&schema, ticket.as_any().encode_to_vec(), request.into_inner())
@@ -260,19 +294,20 @@ impl FlightSqlService for FlightSql {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let sql = std::str::from_utf8(&ticket.statement_handle)
             .map_err(|_| Status::invalid_argument("statement ticket is not UTF-8 SQL"))?;
-        self.run(sql, None).await
+        Self::run(&*self.engine(&request).await?, sql, None).await
     }
 
     async fn do_action_create_prepared_statement(
         &self,
         query: ActionCreatePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let plan = self.query.plan(&query.query).await.map_err(status)?;
+        let engine = self.engine(&request).await?;
+        let plan = engine.plan(&query.query).await.map_err(status)?;
         let dataset = plan.schema().as_arrow().clone();
         let mut params: Vec<(String, Option<arrow::datatypes::DataType>)> =
             plan.get_parameter_types().map_err(|e| status(e.into()))?.into_iter().collect();
@@ -327,7 +362,8 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let handle = Handle::decode(&cmd.prepared_statement_handle)?;
-        let plan = self.query.plan(&handle.sql).await.map_err(status)?;
+        let engine = self.engine(&request).await?;
+        let plan = engine.plan(&handle.sql).await.map_err(status)?;
         let schema = plan.schema().as_arrow().clone();
         info_for(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
     }
@@ -335,11 +371,11 @@ impl FlightSqlService for FlightSql {
     async fn do_get_prepared_statement(
         &self,
         query: CommandPreparedStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let handle = Handle::decode(&query.prepared_statement_handle)?;
         let params = handle.param_values()?;
-        self.run(&handle.sql, params).await
+        Self::run(&*self.engine(&request).await?, &handle.sql, params).await
     }
 
     async fn do_action_close_prepared_statement(
@@ -362,10 +398,11 @@ impl FlightSqlService for FlightSql {
     async fn do_get_catalogs(
         &self,
         query: CommandGetCatalogs,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let mut builder = query.into_builder();
-        let mut names = self.query.context().catalog_names();
+        let engine = self.engine(&request).await?;
+        let mut names = engine.context().catalog_names();
         names.sort();
         for name in names {
             builder.append(name);
@@ -385,10 +422,11 @@ impl FlightSqlService for FlightSql {
     async fn do_get_schemas(
         &self,
         query: CommandGetDbSchemas,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let mut builder = query.into_builder();
-        let ctx = self.query.context();
+        let engine = self.engine(&request).await?;
+        let ctx = engine.context();
         let mut pairs = Vec::new();
         for catalog_name in ctx.catalog_names() {
             if let Some(catalog) = ctx.catalog(&catalog_name) {
@@ -416,10 +454,12 @@ impl FlightSqlService for FlightSql {
     async fn do_get_tables(
         &self,
         query: CommandGetTables,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let mut builder = query.into_builder();
-        for (catalog, schema, table, kind, table_schema) in self.tables().await {
+        for (catalog, schema, table, kind, table_schema) in
+            Self::tables(&*self.engine(&request).await?).await
+        {
             builder
                 .append(catalog, schema, table, table_type_name(kind), &table_schema)
                 .map_err(internal)?;

@@ -455,7 +455,7 @@ fn api_keys_roles_and_projects_on_every_interface() {
     assert_eq!(call(&server, "GET", &format!("/api/traces/{tb}"), Some(&read_a), None).0, 404);
     assert_eq!(call(&server, "GET", &format!("/api/traces/{tb}"), Some(&admin), None).0, 200);
 
-    // Flight SQL: admin keys only.
+    // Flight SQL: no key, the wrong role, a reader of one project, an admin.
     rt.block_on(async {
         let channel = tonic::transport::Channel::from_shared(format!(
             "http://127.0.0.1:{}",
@@ -468,11 +468,59 @@ fn api_keys_roles_and_projects_on_every_interface() {
         let mut c = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
         let e = c.execute("SELECT count(*) FROM spans".into(), None).await.unwrap_err().to_string();
         assert!(e.contains("missing API key"), "{e}");
-        c.set_token(read_a.clone());
+        c.set_token(ingest_a.clone());
         let e = c.execute("SELECT count(*) FROM spans".into(), None).await.unwrap_err().to_string();
-        assert!(e.contains("Flight SQL serves admin keys only"), "{e}");
+        assert!(e.contains("has role ingest: queries need a read or admin key"), "{e}");
+        // A read key sees its project only, in statements, prepared statements and metadata.
+        let count = |c: &mut arrow_flight::sql::client::FlightSqlServiceClient<
+            tonic::transport::Channel,
+        >,
+                     sql: &'static str| {
+            let mut c = c.clone();
+            async move {
+                let info = c.execute(sql.into(), None).await.unwrap();
+                let ticket = info.endpoint[0].ticket.clone().unwrap();
+                let batches: Vec<arrow::array::RecordBatch> =
+                    futures::TryStreamExt::try_collect(c.do_get(ticket).await.unwrap())
+                        .await
+                        .unwrap();
+                arrow::util::display::array_value_to_string(batches[0].column(0), 0).unwrap()
+            }
+        };
+        c.set_token(read_a.clone());
+        assert_eq!(count(&mut c, "SELECT count(*) FROM spans").await, "3");
+        assert_eq!(
+            count(&mut c, "SELECT count(*) FROM spans WHERE service_name = 'svc-b'").await,
+            "0"
+        );
+        assert_eq!(count(&mut c, "SELECT count(*) FROM traces").await, "1");
+        let mut prepared = c
+            .prepare("SELECT count(*) FROM spans WHERE service_name <> $1".into(), None)
+            .await
+            .unwrap();
+        prepared
+            .set_parameters(
+                arrow::array::RecordBatch::try_new(
+                    std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                        arrow::datatypes::Field::new("$1", arrow::datatypes::DataType::Utf8, true),
+                    ])),
+                    vec![std::sync::Arc::new(arrow::array::StringArray::from(vec!["none"]))],
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let info = prepared.execute().await.unwrap();
+        let batches: Vec<arrow::array::RecordBatch> = futures::TryStreamExt::try_collect(
+            c.do_get(info.endpoint[0].ticket.clone().unwrap()).await.unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            arrow::util::display::array_value_to_string(batches[0].column(0), 0).unwrap(),
+            "3"
+        );
         c.set_token(admin.clone());
-        c.execute("SELECT count(*) FROM spans".into(), None).await.expect("admin key");
+        assert_eq!(count(&mut c, "SELECT count(*) FROM spans").await, "5");
     });
 
     // Postgres: an admin key as the password (it serves every project); nothing else.
