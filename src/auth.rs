@@ -316,7 +316,8 @@ pub fn access_of(method: &axum::http::Method, path: &str) -> Option<Access> {
         None
     } else if path == "/v1/traces" && method == axum::http::Method::POST {
         Some(Access::Ingest)
-    } else if path.starts_with("/v1/admin/") || path.starts_with("/debug/") {
+    } else if path.starts_with("/v1/admin/") || path.starts_with("/debug/") || path == "/metrics" {
+        // Metrics count every project's spans: operators only.
         Some(Access::Admin)
     } else {
         Some(Access::Read)

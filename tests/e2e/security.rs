@@ -345,6 +345,9 @@ fn api_keys_roles_and_projects_on_every_interface() {
         "{body}"
     );
     assert_eq!(call(&server, "GET", "/health", None, None).0, 200);
+    // Metrics count every project's spans: admin keys only.
+    assert_eq!(call(&server, "GET", "/metrics", Some(&read_a), None).0, 403);
+    assert_eq!(call(&server, "GET", "/metrics", Some(&admin), None).0, 200);
     assert_eq!(server.sql_status("SELECT 1").0, 401);
 
     // Project a over HTTP, project b over gRPC (x-api-key metadata).
