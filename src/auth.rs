@@ -435,7 +435,8 @@ pub fn flight_interceptor(
     }
 }
 
-/// API keys for the Postgres listener: admin keys as passwords (it serves every project).
+/// API keys for the Postgres listener: read keys (their project's spans) and admin keys (every
+/// project) as passwords.
 #[derive(Debug)]
 pub struct PgKeys(pub Arc<KeyStore>);
 
@@ -445,6 +446,14 @@ impl spanlake_query::pg::PasswordKeys for PgKeys {
     }
 
     fn accepts(&self, password: &str) -> bool {
-        self.0.check(Some(password), Access::Read).is_ok_and(|k| k.role == Role::Admin)
+        self.0.check(Some(password), Access::Read).is_ok()
+    }
+
+    fn project(&self, password: &str) -> Option<String> {
+        self.0
+            .check(Some(password), Access::Read)
+            .ok()
+            .filter(|k| k.role != Role::Admin)
+            .map(|k| k.project)
     }
 }

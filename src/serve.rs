@@ -155,6 +155,36 @@ pub async fn serve(
     std::net::TcpListener::bind(config.listen.postgres)
         .with_context(|| format!("cannot listen on {} (Postgres)", config.listen.postgres))?;
     spanlake_query::pg::install_pg_catalog(&query)?;
+    // Query engines of single projects (cached), for project-scoped keys on Postgres and Flight SQL.
+    let project_engines: spanlake_query::flight::EngineFor = {
+        let cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<QueryEngine>>>> =
+            Arc::default();
+        let store = Arc::clone(engine.store());
+        let prices = Arc::clone(&prices);
+        let query_config = query_config.clone();
+        let metrics = Arc::clone(&query_metrics);
+        Arc::new(move |project: String| {
+            let (cache, store, prices, query_config, metrics) = (
+                Arc::clone(&cache),
+                Arc::clone(&store),
+                Arc::clone(&prices),
+                query_config.clone(),
+                Arc::clone(&metrics),
+            );
+            Box::pin(async move {
+                if let Some(q) = cache.lock().expect("lock").get(&project) {
+                    return Ok(Arc::clone(q));
+                }
+                let q =
+                    QueryEngine::new(store, Some(project.clone()), prices, &query_config, metrics)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                let q = Arc::new(q);
+                cache.lock().expect("lock").entry(project).or_insert_with(|| Arc::clone(&q));
+                Ok(q)
+            })
+        })
+    };
     let pg_config = spanlake_query::pg::PgConfig {
         listen: config.listen.postgres,
         tls: match (&config.listen.tls_cert, &config.listen.tls_key) {
@@ -166,6 +196,7 @@ pub async fn serve(
         api_keys: Some(spanlake_query::pg::ApiKeys(Arc::new(crate::auth::PgKeys(Arc::clone(
             &keys,
         ))))),
+        projects: Some(spanlake_query::pg::ProjectEngines(Arc::clone(&project_engines))),
         ..Default::default()
     };
     if pg_config.users.is_empty() {
@@ -266,41 +297,7 @@ pub async fn serve(
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
                 .context("TLS configuration of the Flight SQL listener")?;
         }
-        // A project-scoped key's Flight SQL requests run on its project's engine.
-        let flight_engines: spanlake_query::flight::EngineFor = {
-            let cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<QueryEngine>>>> =
-                Arc::default();
-            let store = Arc::clone(engine.store());
-            let prices = Arc::clone(&prices);
-            let query_config = query_config.clone();
-            let metrics = Arc::clone(&query_metrics);
-            Arc::new(move |project: String| {
-                let (cache, store, prices, query_config, metrics) = (
-                    Arc::clone(&cache),
-                    Arc::clone(&store),
-                    Arc::clone(&prices),
-                    query_config.clone(),
-                    Arc::clone(&metrics),
-                );
-                Box::pin(async move {
-                    if let Some(q) = cache.lock().expect("lock").get(&project) {
-                        return Ok(Arc::clone(q));
-                    }
-                    let q = QueryEngine::new(
-                        store,
-                        Some(project.clone()),
-                        prices,
-                        &query_config,
-                        metrics,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    let q = Arc::new(q);
-                    cache.lock().expect("lock").entry(project).or_insert_with(|| Arc::clone(&q));
-                    Ok(q)
-                })
-            })
-        };
+        let flight_engines = Arc::clone(&project_engines);
         let service = tonic::service::interceptor::InterceptedService::new(
             spanlake_query::flight::service_with_projects(Arc::clone(&query), flight_engines),
             crate::auth::flight_interceptor(Arc::clone(&keys)),

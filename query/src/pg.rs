@@ -64,6 +64,18 @@ pub struct PgConfig {
     pub timeout: std::time::Duration,
     /// API keys: while any is in force, the password must be one the check accepts.
     pub api_keys: Option<ApiKeys>,
+    /// Engines of single projects, for sessions of project-scoped keys.
+    pub projects: Option<ProjectEngines>,
+}
+
+/// A shared [`EngineFor`].
+#[derive(Clone)]
+pub struct ProjectEngines(pub EngineFor);
+
+impl std::fmt::Debug for ProjectEngines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProjectEngines")
+    }
 }
 
 /// API key checks for the Postgres listener (provided by the binary).
@@ -72,7 +84,19 @@ pub trait PasswordKeys: Send + Sync {
     fn enabled(&self) -> bool;
     /// Whether `password` is a key allowed to use the Postgres frontend.
     fn accepts(&self, password: &str) -> bool;
+    /// The only project the key may see (`None`: every project).
+    fn project(&self, password: &str) -> Option<String>;
 }
+
+/// The query engine of one project (created on first use by the caller).
+pub type EngineFor = Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<Arc<QueryEngine>, String>>
+        + Send
+        + Sync,
+>;
+
+/// Client metadata naming the project a session is scoped to.
+const PROJECT: &str = "spanlake.project";
 
 /// A shared [`PasswordKeys`].
 #[derive(Clone)]
@@ -93,6 +117,7 @@ impl Default for PgConfig {
             users: Vec::new(),
             timeout: std::time::Duration::from_secs(300),
             api_keys: None,
+            projects: None,
         }
     }
 }
@@ -325,6 +350,40 @@ pub fn install_pg_catalog(engine: &QueryEngine) -> crate::Result<()> {
         .map_err(|e| crate::Error::Query { source: *e })
 }
 
+/// The Postgres session service over an engine, with spanlake's hooks.
+fn session_service(engine: &QueryEngine) -> DfSessionService {
+    let hooks: Vec<Arc<dyn QueryHook>> = vec![
+        Arc::new(SandboxHook),
+        Arc::new(GrafanaMetadataHook),
+        Arc::new(CursorStatementHook),
+        Arc::new(SetShowHook),
+        Arc::new(TransactionStatementHook),
+    ];
+    DfSessionService::new_with_hooks(Arc::new(engine.context().clone()), hooks)
+}
+
+/// Session services of single projects, created on first use.
+struct ProjectServices {
+    engines: ProjectEngines,
+    services: tokio::sync::Mutex<HashMap<String, Arc<DfSessionService>>>,
+}
+
+impl ProjectServices {
+    async fn get(&self, project: &str) -> PgWireResult<Arc<DfSessionService>> {
+        let mut services = self.services.lock().await;
+        if let Some(s) = services.get(project) {
+            return Ok(Arc::clone(s));
+        }
+        let engine = (self.engines.0)(project.to_string())
+            .await
+            .map_err(|e| PgWireError::ApiError(e.into()))?;
+        install_pg_catalog(&engine).map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+        let service = Arc::new(session_service(&engine));
+        services.insert(project.to_string(), Arc::clone(&service));
+        Ok(service)
+    }
+}
+
 /// Serves the Postgres protocol until the task is dropped.
 pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<()> {
     let mut opts = ServerOptions::new()
@@ -334,15 +393,7 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     if let Some((cert, key)) = &config.tls {
         opts = opts.with_tls_cert_path(Some(cert.clone())).with_tls_key_path(Some(key.clone()));
     }
-    let hooks: Vec<Arc<dyn QueryHook>> = vec![
-        Arc::new(SandboxHook),
-        Arc::new(GrafanaMetadataHook),
-        Arc::new(CursorStatementHook),
-        Arc::new(SetShowHook),
-        Arc::new(TransactionStatementHook),
-    ];
-    let service =
-        Arc::new(DfSessionService::new_with_hooks(Arc::new(engine.context().clone()), hooks));
+    let service = Arc::new(session_service(engine));
     let connections = Arc::new(ConnectionManager::new());
     let users: HashMap<String, String> = config.users.iter().cloned().collect();
     // What a password accepted by the API key check is replaced with before the cleartext
@@ -358,7 +409,14 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     )
     .with_connection_manager(Arc::clone(&connections));
     let handlers = Handlers {
-        simple: Arc::new(Simple { inner: Arc::clone(&service), timeout: config.timeout }),
+        simple: Arc::new(Simple {
+            inner: Arc::clone(&service),
+            timeout: config.timeout,
+            projects: config.projects.clone().map(|engines| ProjectServices {
+                engines,
+                services: tokio::sync::Mutex::new(HashMap::new()),
+            }),
+        }),
         extended: Arc::new(Extended { inner: Arc::clone(&service), timeout: config.timeout }),
         startup: Arc::new(Startup {
             password,
@@ -452,6 +510,9 @@ impl StartupHandler for Startup {
         let message = match (keys, message) {
             (Some(k), PgWireFrontendMessage::PasswordMessageFamily(pwd)) => {
                 let mut password = pwd.into_password()?;
+                if let Some(project) = k.0.project(&password.password) {
+                    client.metadata_mut().insert(PROJECT.to_string(), project);
+                }
                 password.password = if k.0.accepts(&password.password) {
                     self.marker.clone()
                 } else {
@@ -474,6 +535,7 @@ impl StartupHandler for Startup {
 struct Simple {
     inner: Arc<DfSessionService>,
     timeout: std::time::Duration,
+    projects: Option<ProjectServices>,
 }
 
 fn cancelled(message: &str) -> PgWireError {
@@ -562,11 +624,17 @@ impl SimpleQueryHandler for Simple {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let (deadline, cancel) = start_query(client, self.timeout).await;
-        let planned = tokio::time::timeout_at(
-            deadline,
-            SimpleQueryHandler::do_query(&*self.inner, client, query),
-        )
-        .await;
+        // A project-scoped session runs on its project's engine.
+        let inner = match (client.metadata().get(PROJECT).cloned(), &self.projects) {
+            (None, _) => Arc::clone(&self.inner),
+            (Some(p), Some(projects)) => projects.get(&p).await?,
+            (Some(_), None) => {
+                return Err(refused("project-scoped sessions are not served here".into()));
+            }
+        };
+        let planned =
+            tokio::time::timeout_at(deadline, SimpleQueryHandler::do_query(&*inner, client, query))
+                .await;
         let responses =
             planned.map_err(|_| cancelled("canceling statement due to statement timeout"))??;
         // One cancel request ends the first streaming result; later ones in a multi-statement
@@ -614,6 +682,11 @@ impl ExtendedQueryHandler for Extended {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if client.metadata().contains_key(PROJECT) {
+            return Err(refused(
+                "a project-scoped key queries over the simple query protocol only (as psql and Grafana do); use an admin key for prepared statements".into(),
+            ));
+        }
         let (deadline, cancel) = start_query(client, self.timeout).await;
         let planned = tokio::time::timeout_at(
             deadline,

@@ -549,7 +549,39 @@ fn api_keys_roles_and_projects_on_every_interface() {
         )
     };
     assert_eq!(psql(&admin).0, "5");
-    for wrong in [read_a.as_str(), ingest_a.as_str(), "", "slk_00000000_00"] {
+    // A read key's session sees its project only (simple query protocol, as psql and Grafana).
+    assert_eq!(psql(&read_a).0, "3");
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=grafana password={read_a} dbname=spanlake",
+                server.pg_port
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        #[expect(clippy::disallowed_methods, reason = "the connection task ends with the runtime")]
+        let _conn = tokio::spawn(conn);
+        let rows = client
+            .simple_query("SELECT count(*) FROM spans WHERE service_name = 'svc-b'")
+            .await
+            .unwrap();
+        let n = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(n.as_deref(), Some("0"));
+        let e = client.query("SELECT count(*) FROM spans", &[]).await.unwrap_err();
+        assert!(
+            e.as_db_error()
+                .unwrap()
+                .message()
+                .starts_with("a project-scoped key queries over the simple query protocol only"),
+            "{e:?}"
+        );
+    });
+    for wrong in [ingest_a.as_str(), "", "slk_00000000_00"] {
         let (out, err) = psql(wrong);
         assert!(
             out.is_empty()
