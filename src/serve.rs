@@ -100,29 +100,41 @@ pub async fn serve(
             .merge(spanlake_query::jaeger::router(Arc::clone(&q)))
             .merge(spanlake_query::tempo::router(q))
     };
-    let project_engine: crate::auth::ProjectEngine = {
+    // Query engines of single projects (cached), for project-scoped keys on HTTP,
+    // Postgres and Flight SQL (one engine per project whichever frontend asks first).
+    let project_engines: spanlake_query::EngineFor = {
+        let cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<QueryEngine>>>> =
+            Arc::default();
         let store = Arc::clone(engine.store());
         let prices = Arc::clone(&prices);
         let query_config = query_config.clone();
         let metrics = Arc::clone(&query_metrics);
-        Box::new(move |project: String| {
-            let (store, prices, query_config, metrics) = (
+        Arc::new(move |project: String| {
+            let (cache, store, prices, query_config, metrics) = (
+                Arc::clone(&cache),
                 Arc::clone(&store),
                 Arc::clone(&prices),
                 query_config.clone(),
                 Arc::clone(&metrics),
             );
             Box::pin(async move {
+                if let Some(q) = cache.lock().expect("lock").get(&project) {
+                    return Ok(Arc::clone(q));
+                }
                 let q =
-                    QueryEngine::new(store, Some(project), prices, &query_config, metrics).await?;
-                Ok(Arc::new(q))
+                    QueryEngine::new(store, Some(project.clone()), prices, &query_config, metrics)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                let q = Arc::new(q);
+                cache.lock().expect("lock").entry(project).or_insert_with(|| Arc::clone(&q));
+                Ok(q)
             })
         })
     };
     let http_auth = Arc::new(crate::auth::HttpAuth::new(
         Arc::clone(&keys),
         Box::new(query_routes),
-        project_engine,
+        Arc::clone(&project_engines),
     ));
     let mut app = Router::new()
         .merge(spanlake_ingest::http::router(ingest.clone()))
@@ -155,36 +167,6 @@ pub async fn serve(
     std::net::TcpListener::bind(config.listen.postgres)
         .with_context(|| format!("cannot listen on {} (Postgres)", config.listen.postgres))?;
     spanlake_query::pg::install_pg_catalog(&query)?;
-    // Query engines of single projects (cached), for project-scoped keys on Postgres and Flight SQL.
-    let project_engines: spanlake_query::flight::EngineFor = {
-        let cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<QueryEngine>>>> =
-            Arc::default();
-        let store = Arc::clone(engine.store());
-        let prices = Arc::clone(&prices);
-        let query_config = query_config.clone();
-        let metrics = Arc::clone(&query_metrics);
-        Arc::new(move |project: String| {
-            let (cache, store, prices, query_config, metrics) = (
-                Arc::clone(&cache),
-                Arc::clone(&store),
-                Arc::clone(&prices),
-                query_config.clone(),
-                Arc::clone(&metrics),
-            );
-            Box::pin(async move {
-                if let Some(q) = cache.lock().expect("lock").get(&project) {
-                    return Ok(Arc::clone(q));
-                }
-                let q =
-                    QueryEngine::new(store, Some(project.clone()), prices, &query_config, metrics)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                let q = Arc::new(q);
-                cache.lock().expect("lock").entry(project).or_insert_with(|| Arc::clone(&q));
-                Ok(q)
-            })
-        })
-    };
     let pg_config = spanlake_query::pg::PgConfig {
         listen: config.listen.postgres,
         tls: match (&config.listen.tls_cert, &config.listen.tls_key) {

@@ -78,6 +78,17 @@ impl QueryMetrics {
     }
 }
 
+/// The query engine of one project, created (and cached) by the caller on first use; the
+/// frontends that serve project-scoped keys (HTTP, Postgres, Flight SQL) share one.
+pub type EngineFor = Arc<
+    dyn Fn(
+            String,
+        )
+            -> futures::future::BoxFuture<'static, std::result::Result<Arc<QueryEngine>, String>>
+        + Send
+        + Sync,
+>;
+
 /// A query's result.
 #[derive(Debug)]
 pub struct QueryResult {

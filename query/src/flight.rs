@@ -45,7 +45,7 @@ use futures::{Stream, TryStreamExt, stream};
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::QueryEngine;
+use crate::engine::{EngineFor, QueryEngine};
 use crate::error::Error;
 use spanlake_engine::ErrorKind;
 
@@ -62,13 +62,6 @@ pub struct FlightSql {
 /// Set by an authenticating interceptor: the request may see this project only.
 #[derive(Debug, Clone)]
 pub struct FlightProject(pub String);
-
-/// The query engine of one project (created on first use by the caller's cache).
-pub type EngineFor = Arc<
-    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<Arc<QueryEngine>, String>>
-        + Send
-        + Sync,
->;
 
 /// The gRPC service to mount on a tonic server.
 pub fn service(query: Arc<QueryEngine>) -> FlightServiceServer<FlightSql> {

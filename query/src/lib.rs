@@ -33,6 +33,7 @@ pub mod tempo;
 pub mod trace;
 
 pub use engine::{
-    QueryConfig, QueryEngine, QueryMetrics, QueryResult, check_read_only, check_read_only_statement,
+    EngineFor, QueryConfig, QueryEngine, QueryMetrics, QueryResult, check_read_only,
+    check_read_only_statement,
 };
 pub use error::{Error, Result};

@@ -47,7 +47,7 @@ use pgwire::api::{
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
-use crate::engine::{QueryEngine, check_read_only_statement};
+use crate::engine::{EngineFor, QueryEngine, check_read_only_statement};
 
 /// Settings of the Postgres listener.
 #[derive(Debug, Clone)]
@@ -87,13 +87,6 @@ pub trait PasswordKeys: Send + Sync {
     /// The only project the key may see (`None`: every project).
     fn project(&self, password: &str) -> Option<String>;
 }
-
-/// The query engine of one project (created on first use by the caller).
-pub type EngineFor = Arc<
-    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<Arc<QueryEngine>, String>>
-        + Send
-        + Sync,
->;
 
 /// Client metadata naming the project a session is scoped to.
 const PROJECT: &str = "spanlake.project";
