@@ -40,12 +40,25 @@ pub fn run_python(code: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
-/// A free TCP port on localhost.
+/// A free TCP port on localhost, below the kernel's ephemeral range (32768 and up), each
+/// handed out once per test process: a server restarted on its ports (crash tests) cannot lose
+/// one to a connection or a `bind(0)` elsewhere that the kernel numbers from the ephemeral range.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + std::process::id() % 8_000,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (n - 20_000) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// The spanlake binary under test.
