@@ -1,21 +1,22 @@
 //! API keys: hashed at rest, each with a role and a project, checked on OTLP/HTTP, OTLP/gRPC,
 //! the HTTP query APIs and Flight SQL.
 //!
-//! Keys live in `<data_dir>/keys.json` (`spanlake keys create|list|revoke`); only the SHA-256 of
-//! each secret is stored. A secret is `slk_<id>_<32 hex digits>` and is shown once, at creation.
-//! The server re-reads the file when it changes, so keys created or revoked while it runs take
-//! effect on the next request. With no active key, nothing is checked — and the server refuses
+//! Keys live in the location, one object per key (`_keys/<id>.json`; `spanlake keys
+//! create|list|revoke`), so every node sharing a location shares them; only the SHA-256 of each
+//! secret is stored. A secret is `slk_<id>_<32 hex digits>` and is shown once, at creation.
+//! Servers re-read the keys every `security.keys_refresh` (default 2 s), so keys created or
+//! revoked while they run take effect within that interval. Until the first key is created, nothing is checked — and the server refuses
 //! to listen beyond localhost unless `security.allow_unauthenticated_network` says so.
 //!
 //! Roles: `ingest` may only send spans (OTLP), into its project; `read` may only query, and sees
 //! only its project's spans in SQL, views, trace lookup, replay, Jaeger and Tempo APIs and Flight
-//! SQL (Postgres takes admin keys only); `admin`
+//! SQL and Postgres sessions; `admin`
 //! may do everything, sees every project and sends into its own.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use axum::Router;
@@ -23,6 +24,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::TryStreamExt as _;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use spanlake_query::QueryEngine;
@@ -70,41 +74,79 @@ pub struct Key {
     pub revoked: bool,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct KeyFile {
-    keys: Vec<Key>,
-}
+/// Where keys live in the location: one object per key, so nodes sharing a location share
+/// the keys, and creating a key never races another writer (an exclusive create of a fresh id).
+const KEYS_PREFIX: &str = "_keys";
 
-fn keys_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("keys.json")
+fn key_path(id: &str) -> ObjectPath {
+    ObjectPath::from(format!("{KEYS_PREFIX}/{id}.json"))
 }
 
 fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-fn read_file(path: &Path) -> anyhow::Result<KeyFile> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .with_context(|| format!("{} is not a key file", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(KeyFile::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
+/// The key file of the first releases (`<data_dir>/keys.json`): its keys move into the
+/// location the first time keys are read.
+#[derive(Debug, Default, Deserialize)]
+struct LegacyKeyFile {
+    keys: Vec<Key>,
 }
 
-fn write_file(path: &Path, file: &KeyFile) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+async fn migrate_legacy(data_dir: &Path, location: &dyn ObjectStore) -> anyhow::Result<()> {
+    let path = data_dir.join("keys.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let file: LegacyKeyFile = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a key file", path.display()))?;
+    for key in &file.keys {
+        // Revocations in the old file win over what the location holds.
+        let mode = if key.revoked { PutMode::Overwrite } else { PutMode::Create };
+        match put_key(location, key, mode).await {
+            Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e).context("cannot store a key"),
+        }
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(file)?)?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&path, path.with_extension("json.migrated"))?;
+    tracing::info!(
+        keys = file.keys.len(),
+        "API keys moved from {} into the location",
+        path.display()
+    );
     Ok(())
 }
 
+async fn put_key(
+    location: &dyn ObjectStore,
+    key: &Key,
+    mode: PutMode,
+) -> Result<(), object_store::Error> {
+    let body = serde_json::to_vec_pretty(key).expect("a key serialises");
+    location.put_opts(&key_path(&key.id), body.into(), PutOptions::from(mode)).await.map(|_| ())
+}
+
+async fn read_keys(location: &dyn ObjectStore) -> anyhow::Result<Vec<Key>> {
+    let prefix = ObjectPath::from(KEYS_PREFIX);
+    let metas: Vec<_> =
+        location.list(Some(&prefix)).try_collect().await.context("cannot list the API keys")?;
+    let mut keys = Vec::with_capacity(metas.len());
+    for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(".json")) {
+        let bytes = location.get(&meta.location).await?.bytes().await?;
+        let key: Key = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a key", meta.location))?;
+        keys.push(key);
+    }
+    keys.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+    Ok(keys)
+}
+
 /// Creates a key; returns it and its secret (shown once).
-pub fn create(
+pub async fn create(
     data_dir: &Path,
+    location: &dyn ObjectStore,
     name: &str,
     role: Role,
     project: &str,
@@ -114,43 +156,83 @@ pub fn create(
     {
         bail!("invalid project {project:?}: use letters, digits, '-' and '_'");
     }
-    let path = keys_path(data_dir);
-    let mut file = read_file(&path)?;
-    let id = hex::encode(rand::random::<[u8; 4]>());
-    let secret = format!("slk_{id}_{}", hex::encode(rand::random::<[u8; 16]>()));
-    let key = Key {
-        id,
-        name: name.to_string(),
-        role,
-        project: project.to_string(),
-        sha256: hash(&secret),
-        created: chrono::Utc::now().to_rfc3339(),
-        revoked: false,
-    };
-    file.keys.push(key.clone());
-    write_file(&path, &file)?;
-    Ok((key, secret))
+    migrate_legacy(data_dir, location).await?;
+    loop {
+        let id = hex::encode(rand::random::<[u8; 4]>());
+        let secret = format!("slk_{id}_{}", hex::encode(rand::random::<[u8; 16]>()));
+        let key = Key {
+            id,
+            name: name.to_string(),
+            role,
+            project: project.to_string(),
+            sha256: hash(&secret),
+            created: chrono::Utc::now().to_rfc3339(),
+            revoked: false,
+        };
+        match put_key(location, &key, PutMode::Create).await {
+            Ok(()) => return Ok((key, secret)),
+            // An id taken already (one in four billion): draw another.
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e).context("cannot store the key"),
+        }
+    }
 }
 
 /// All keys.
-pub fn list(data_dir: &Path) -> anyhow::Result<Vec<Key>> {
-    Ok(read_file(&keys_path(data_dir))?.keys)
+pub async fn list(data_dir: &Path, location: &dyn ObjectStore) -> anyhow::Result<Vec<Key>> {
+    migrate_legacy(data_dir, location).await?;
+    read_keys(location).await
 }
 
-/// Revokes a key by id.
-pub fn revoke(data_dir: &Path, id: &str) -> anyhow::Result<()> {
-    let path = keys_path(data_dir);
-    let mut file = read_file(&path)?;
-    let Some(key) = file.keys.iter_mut().find(|k| k.id == id) else { bail!("no key with id {id}") };
+/// Revokes a key by id (for good: revoked keys are kept for the record).
+pub async fn revoke(data_dir: &Path, location: &dyn ObjectStore, id: &str) -> anyhow::Result<()> {
+    migrate_legacy(data_dir, location).await?;
+    let bytes = match location.get(&key_path(id)).await {
+        Ok(r) => r.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => bail!("no key with id {id}"),
+        Err(e) => return Err(e).context("cannot read the key"),
+    };
+    let mut key: Key = serde_json::from_slice(&bytes)?;
     key.revoked = true;
-    write_file(&path, &file)
+    put_key(location, &key, PutMode::Overwrite).await.context("cannot store the revocation")
 }
 
-/// The keys as the server sees them, re-read when the file changes.
+/// The keys as the server sees them: read from the location at start and every
+/// `security.keys_refresh` after, so keys created or revoked on any node take effect within
+/// that interval on every node sharing the location.
 #[derive(Debug)]
 pub struct KeyStore {
-    path: PathBuf,
-    cache: RwLock<(Option<SystemTime>, Vec<Key>)>,
+    location: Arc<dyn ObjectStore>,
+    cache: RwLock<Vec<Key>>,
+}
+
+impl KeyStore {
+    /// The key store of a location (moving the keys of a `<data_dir>/keys.json` into it).
+    pub async fn open(data_dir: &Path, location: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
+        migrate_legacy(data_dir, &*location).await?;
+        let keys = read_keys(&*location).await?;
+        Ok(Self { location, cache: RwLock::new(keys) })
+    }
+
+    /// Re-reads the keys.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let keys = read_keys(&*self.location).await?;
+        *self.cache.write().expect("lock") = keys;
+        Ok(())
+    }
+
+    /// Re-reads the keys every `every` until the task is dropped; a failed read keeps the keys
+    /// last read (and says so).
+    pub async fn refresh_every(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.refresh().await {
+                tracing::error!(error = %format!("{e:#}"), "cannot read the API keys; keeping the last ones read");
+            }
+        }
+    }
 }
 
 /// Why a request is refused.
@@ -190,31 +272,10 @@ pub enum Access {
 }
 
 impl KeyStore {
-    /// The key store of a data directory.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
-        let store = Self { path: keys_path(data_dir), cache: RwLock::new((None, Vec::new())) };
-        store.refresh()?;
-        Ok(store)
-    }
-
-    fn refresh(&self) -> anyhow::Result<()> {
-        // One stat per request (about a microsecond beside a request's decoding): revocation
-        // applies to the very next request.
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if self.cache.read().expect("lock").0 == mtime && mtime.is_some() {
-            return Ok(());
-        }
-        let keys = read_file(&self.path)?.keys;
-        *self.cache.write().expect("lock") = (mtime, keys);
-        Ok(())
-    }
-
-    /// Whether any key is active (authentication is on).
+    /// Whether authentication is on: once a key has been created, revoked ones included (so
+    /// revoking the last key locks everyone out rather than opening the server).
     pub fn enabled(&self) -> bool {
-        if let Err(e) = self.refresh() {
-            tracing::error!(error = %e, "cannot read the API keys; keeping the last ones read");
-        }
-        self.cache.read().expect("lock").1.iter().any(|k| !k.revoked)
+        !self.cache.read().expect("lock").is_empty()
     }
 
     /// The key a secret belongs to, checked for `access`.
@@ -227,7 +288,6 @@ impl KeyStore {
         let digest = hash(secret);
         let cache = self.cache.read().expect("lock");
         let key = cache
-            .1
             .iter()
             .find(|k| k.id == id && !k.revoked && k.sha256 == digest)
             .ok_or(Refusal::Invalid)?;
@@ -451,5 +511,48 @@ impl spanlake_query::pg::PasswordKeys for PgKeys {
             .ok()
             .filter(|k| k.role != Role::Admin)
             .map(|k| k.project)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_of_a_legacy_key_file_move_into_the_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let location: Arc<dyn ObjectStore> =
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+        let key = |id: &str, secret: &str, revoked: bool| Key {
+            id: id.into(),
+            name: String::new(),
+            role: Role::Read,
+            project: "p".into(),
+            sha256: hash(secret),
+            created: "2026-11-01T00:00:00Z".into(),
+            revoked,
+        };
+        // A key already in the location whose revocation only the old file knows.
+        put_key(&*location, &key("0000000b", "slk_0000000b_x", false), PutMode::Create)
+            .await
+            .unwrap();
+        let legacy = serde_json::json!({"keys": [
+            key("0000000a", "slk_0000000a_x", false),
+            key("0000000b", "slk_0000000b_x", true),
+        ]});
+        std::fs::write(dir.path().join("keys.json"), legacy.to_string()).unwrap();
+
+        let store = KeyStore::open(dir.path(), Arc::clone(&location)).await.unwrap();
+        assert!(store.enabled());
+        assert_eq!(store.check(Some("slk_0000000a_x"), Access::Read).unwrap().project, "p");
+        assert_eq!(
+            store.check(Some("slk_0000000b_x"), Access::Read).unwrap_err(),
+            Refusal::Invalid
+        );
+        assert!(!dir.path().join("keys.json").exists());
+        assert!(dir.path().join("keys.json.migrated").exists());
+        let ids: Vec<String> =
+            list(dir.path(), &*location).await.unwrap().into_iter().map(|k| k.id).collect();
+        assert_eq!(ids, ["0000000a", "0000000b"]);
     }
 }

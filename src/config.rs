@@ -195,12 +195,24 @@ impl Default for StorageConfig {
 }
 
 /// Authentication settings (API keys are managed with `spanlake keys`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
     /// Listen beyond localhost while no API key exists (anyone who can reach the ports can
     /// send and read everything).
     pub allow_unauthenticated_network: bool,
+    /// How often servers re-read the API keys from the location: keys created or revoked on
+    /// any node take effect within this interval.
+    pub keys_refresh: HumanDuration,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        Self {
+            allow_unauthenticated_network: false,
+            keys_refresh: HumanDuration(std::time::Duration::from_secs(2)),
+        }
+    }
 }
 
 /// Redaction at ingest (see `spanlake_ingest::redact`).
@@ -302,6 +314,8 @@ impl Default for CompactionSettings {
 pub struct QuerySettings {
     /// Memory all running queries may use together; past it they spill to disk or fail.
     pub memory_limit: ByteSize,
+    /// Memory one query may use (within `memory_limit`); past it it spills to disk or fails.
+    pub memory_per_query: ByteSize,
     /// Longest a query may run.
     pub timeout: HumanDuration,
     /// Parallelism of one query (defaults to the number of cores).
@@ -315,6 +329,7 @@ impl Default for QuerySettings {
         let q = spanlake_query::QueryConfig::default();
         Self {
             memory_limit: ByteSize(q.memory_limit_bytes as u64),
+            memory_per_query: ByteSize(q.memory_per_query_bytes as u64),
             timeout: HumanDuration(q.timeout),
             target_partitions: None,
             pushdown_filters: q.pushdown_filters,
@@ -461,6 +476,7 @@ impl Config {
     pub fn query(&self) -> spanlake_query::QueryConfig {
         let mut q = spanlake_query::QueryConfig {
             memory_limit_bytes: self.query.memory_limit.0 as usize,
+            memory_per_query_bytes: self.query.memory_per_query.0 as usize,
             timeout: self.query.timeout.0,
             spill_dir: Some(self.data_dir.join("spill")),
             pushdown_filters: self.query.pushdown_filters,

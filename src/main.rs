@@ -313,7 +313,7 @@ fn main() -> anyhow::Result<()> {
         Command::Delete(args) => runtime.block_on(delete(config, args)),
         Command::Replay(args) => runtime.block_on(replay_command(config, args)),
         Command::Export(args) => runtime.block_on(export(config, args)),
-        Command::Keys(args) => keys_command(&config, args),
+        Command::Keys(args) => runtime.block_on(keys_command(&config, args)),
     }
 }
 
@@ -527,10 +527,13 @@ async fn export(config: Config, args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keys_command(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
+async fn keys_command(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
+    let url = config.location_url();
+    let location = spanlake_engine::objstore::open_location(&url, &config.location_options)?;
+    let (dir, location) = (&config.data_dir, &*location);
     match args.command {
         KeysCommand::Create { role, project, name } => {
-            let (key, secret) = auth::create(&config.data_dir, &name, role, &project)?;
+            let (key, secret) = auth::create(dir, location, &name, role, &project).await?;
             eprintln!(
                 "created key {} (role {}, project {}); its secret, shown only now:",
                 key.id, key.role, key.project
@@ -538,7 +541,7 @@ fn keys_command(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
             println!("{secret}");
         }
         KeysCommand::List => {
-            for k in auth::list(&config.data_dir)? {
+            for k in auth::list(dir, location).await? {
                 println!(
                     "{}\t{}\t{}\t{}\t{}{}",
                     k.id,
@@ -551,7 +554,7 @@ fn keys_command(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { id } => {
-            auth::revoke(&config.data_dir, &id)?;
+            auth::revoke(dir, location, &id).await?;
             eprintln!("revoked key {id}");
         }
     }

@@ -27,6 +27,8 @@ struct AppState {
     query: Arc<QueryMetrics>,
     store: Arc<StoreCounters>,
     redactor: Option<Arc<spanlake_ingest::redact::Redactor>>,
+    /// The memory pool all queries share.
+    query_memory: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
     started: Instant,
 }
 
@@ -52,8 +54,17 @@ pub async fn serve(
     query_runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let prices = Arc::new(config.prices()?);
-    let keys = Arc::new(crate::auth::KeyStore::open(&config.data_dir)?);
+    let keys = {
+        let url = config.location_url();
+        let location = spanlake_engine::objstore::open_location(&url, &config.location_options)?;
+        Arc::new(
+            crate::auth::KeyStore::open(&config.data_dir, location)
+                .await
+                .with_context(|| format!("cannot read the API keys in {url}"))?,
+        )
+    };
     check_exposure(&config, keys.enabled())?;
+    let key_refresh = task::spawn(Arc::clone(&keys).refresh_every(config.security.keys_refresh.0));
     let (engine, store_counters, faults) = open_engine(&config).await?;
     let query_metrics: Arc<QueryMetrics> = Arc::default();
     let mut query_config = config.query();
@@ -92,6 +103,7 @@ pub async fn serve(
         query: Arc::clone(&query_metrics),
         store: store_counters,
         redactor,
+        query_memory: Arc::clone(&query.runtime_env().memory_pool),
         started: Instant::now(),
     };
     let query_routes = |q: Arc<QueryEngine>| {
@@ -107,7 +119,9 @@ pub async fn serve(
             Arc::default();
         let store = Arc::clone(engine.store());
         let prices = Arc::clone(&prices);
-        let query_config = query_config.clone();
+        // Every project's queries draw from the one memory pool of `query.memory_limit`.
+        let mut query_config = query_config.clone();
+        query_config.shared_runtime = Some(query.runtime_env());
         let metrics = Arc::clone(&query_metrics);
         Arc::new(move |project: String| {
             let (cache, store, prices, query_config, metrics) = (
@@ -298,6 +312,7 @@ pub async fn serve(
     tracing::info!("stopping: no new requests; flushing what is buffered");
     let _ = stop_tx.send(true);
     pg.abort();
+    key_refresh.abort();
     let (h, g, f) = tokio::join!(http, grpc, flight);
     if let Ok(Err(e)) = f {
         tracing::warn!(error = %e, "Flight SQL server stopped with an error");
@@ -452,6 +467,20 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         r.render(&mut e);
     }
     s.query.render(&mut e);
+    e.gauge(
+        "spanlake_query_memory_bytes",
+        "Memory held by running queries",
+        s.query_memory.reserved() as i64,
+    );
+    if let datafusion::execution::memory_pool::MemoryLimit::Finite(limit) =
+        s.query_memory.memory_limit()
+    {
+        e.gauge(
+            "spanlake_query_memory_limit_bytes",
+            "The memory all running queries may hold (query.memory_limit)",
+            limit as i64,
+        );
+    }
     let (used, limit) = s.engine.memory();
     e.gauge("spanlake_memory_bytes", "Bytes held by ingest before Parquet", used as i64);
     e.gauge("spanlake_memory_budget_bytes", "The configured ingest memory budget", limit as i64);

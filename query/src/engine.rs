@@ -4,10 +4,11 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::ParamValues;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
@@ -20,6 +21,7 @@ use spanlake_engine::store::SpanStore;
 
 use crate::error::{Error, Result};
 use crate::functions;
+use crate::memory::QueryPool;
 use crate::provider::{STORE_URL, SpansTable};
 
 /// Settings of the query engine.
@@ -29,6 +31,12 @@ pub struct QueryConfig {
     pub target_partitions: usize,
     /// Memory all running queries may use together; past it they spill to disk or fail.
     pub memory_limit_bytes: usize,
+    /// Memory one query (one Postgres session's running statement) may use; past it the
+    /// query spills to disk or fails.
+    pub memory_per_query_bytes: usize,
+    /// The runtime (memory pool, spill files) of another engine to share, so that the engines
+    /// of all projects stay within one `memory_limit_bytes`.
+    pub shared_runtime: Option<Arc<RuntimeEnv>>,
     /// Directory for spill files (the system temporary directory when unset).
     pub spill_dir: Option<std::path::PathBuf>,
     /// Longest a query may run.
@@ -46,6 +54,8 @@ impl Default for QueryConfig {
         Self {
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
             memory_limit_bytes: 512 << 20,
+            memory_per_query_bytes: 256 << 20,
+            shared_runtime: None,
             spill_dir: None,
             timeout: Duration::from_secs(300),
             runtime: None,
@@ -179,17 +189,25 @@ impl QueryEngine {
             // What a sort keeps back for merging its spill files must fit in the pool.
             .set_usize(
                 "datafusion.execution.sort_spill_reservation_bytes",
-                (config.memory_limit_bytes / 8).clamp(64 << 10, 10 << 20),
+                (config.memory_limit_bytes.min(config.memory_per_query_bytes) / 8)
+                    .clamp(64 << 10, 10 << 20),
             );
-        let disk = match &config.spill_dir {
-            Some(dir) => DiskManagerBuilder::default()
-                .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
-            None => DiskManagerBuilder::default().with_mode(DiskManagerMode::OsTmpDirectory),
+        let runtime = match &config.shared_runtime {
+            Some(r) => Arc::clone(r),
+            None => {
+                let disk = match &config.spill_dir {
+                    Some(dir) => DiskManagerBuilder::default()
+                        .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
+                    None => {
+                        DiskManagerBuilder::default().with_mode(DiskManagerMode::OsTmpDirectory)
+                    }
+                };
+                RuntimeEnvBuilder::new()
+                    .with_memory_pool(Arc::new(FairSpillPool::new(config.memory_limit_bytes)))
+                    .with_disk_manager_builder(disk)
+                    .build_arc()?
+            }
         };
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(FairSpillPool::new(config.memory_limit_bytes)))
-            .with_disk_manager_builder(disk)
-            .build_arc()?;
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         let url = ObjectStoreUrl::parse(STORE_URL)?;
         ctx.register_object_store(url.as_ref(), store.object_store());
@@ -204,6 +222,29 @@ impl QueryEngine {
     /// The DataFusion context (for frontends that plan themselves).
     pub fn context(&self) -> &SessionContext {
         &self.ctx
+    }
+
+    /// The runtime (shared memory pool, spill files) queries execute in; give it to other
+    /// engines as [`QueryConfig::shared_runtime`].
+    pub fn runtime_env(&self) -> Arc<RuntimeEnv> {
+        self.ctx.runtime_env()
+    }
+
+    /// A context for one query (or one Postgres session): the engine's tables, views, functions
+    /// and settings, with a memory pool of its own capped at `memory_per_query_bytes` and
+    /// drawing from the shared pool.
+    pub fn query_context(&self) -> SessionContext {
+        let state = self.ctx.state();
+        let mut runtime = (**state.runtime_env()).clone();
+        runtime.memory_pool = Arc::new(QueryPool::new(
+            Arc::clone(&runtime.memory_pool),
+            self.config.memory_per_query_bytes,
+        ));
+        SessionContext::new_with_state(
+            SessionStateBuilder::new_from_existing(state)
+                .with_runtime_env(Arc::new(runtime))
+                .build(),
+        )
     }
 
     /// The query metrics.
@@ -227,7 +268,7 @@ impl QueryEngine {
         let started = Instant::now();
         self.metrics.queries.add(1);
         let limit = self.config.timeout;
-        let query = run(self.ctx.clone(), sql.to_string(), params);
+        let query = run(self.query_context(), sql.to_string(), params);
         let timed = async move {
             tokio::time::timeout(limit, query).await.unwrap_or(Err(Error::Timeout { limit }))
         };

@@ -1,6 +1,8 @@
 use datafusion::error::DataFusionError;
 use spanlake_engine::ErrorKind;
 
+use crate::memory::PER_QUERY_SETTING;
+
 /// Errors of the query layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -77,6 +79,10 @@ impl Error {
                 | DataFusionError::SchemaError(..)
                 | DataFusionError::NotImplemented(_)
                 | DataFusionError::Configuration(_) => ErrorKind::InvalidInput,
+                // Over the per-query cap the query cannot run as written: retrying won't help.
+                DataFusionError::ResourcesExhausted(m) if m.contains(PER_QUERY_SETTING) => {
+                    ErrorKind::InvalidInput
+                }
                 DataFusionError::ResourcesExhausted(_) => ErrorKind::Overloaded,
                 DataFusionError::Execution(_) | DataFusionError::ArrowError(..) => {
                     // Casts of bad literals, division by zero and similar: the query's fault.

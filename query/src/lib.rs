@@ -26,6 +26,7 @@ pub mod format;
 pub mod functions;
 pub mod http;
 pub mod jaeger;
+pub mod memory;
 pub mod pg;
 pub mod provider;
 pub mod replay;

@@ -343,8 +343,8 @@ pub fn install_pg_catalog(engine: &QueryEngine) -> crate::Result<()> {
         .map_err(|e| crate::Error::Query { source: *e })
 }
 
-/// The Postgres session service over an engine, with spanlake's hooks.
-fn session_service(engine: &QueryEngine) -> DfSessionService {
+/// The Postgres session service over a context, with spanlake's hooks.
+fn session_service(ctx: SessionContext) -> DfSessionService {
     let hooks: Vec<Arc<dyn QueryHook>> = vec![
         Arc::new(SandboxHook),
         Arc::new(GrafanaMetadataHook),
@@ -352,33 +352,56 @@ fn session_service(engine: &QueryEngine) -> DfSessionService {
         Arc::new(SetShowHook),
         Arc::new(TransactionStatementHook),
     ];
-    DfSessionService::new_with_hooks(Arc::new(engine.context().clone()), hooks)
+    DfSessionService::new_with_hooks(Arc::new(ctx), hooks)
 }
 
-/// Session services of single projects, created on first use.
-struct ProjectServices {
-    engines: ProjectEngines,
-    services: tokio::sync::Mutex<HashMap<String, Arc<DfSessionService>>>,
+/// The session service of one connection.
+struct Session(Arc<DfSessionService>);
+
+/// Where sessions come from: each connection gets a session service of its own over its
+/// engine (its project's for project-scoped keys, the shared one otherwise), with its own
+/// settings (`SET TIME ZONE` changes that session only) and its own memory pool capped at
+/// `query.memory_per_query` (a session runs one statement at a time).
+struct Sessions {
+    shared: Arc<QueryEngine>,
+    projects: Option<ProjectEngines>,
+    /// Project engines with `pg_catalog` installed.
+    installed: tokio::sync::Mutex<HashMap<String, Arc<QueryEngine>>>,
 }
 
-impl ProjectServices {
-    async fn get(&self, project: &str) -> PgWireResult<Arc<DfSessionService>> {
-        let mut services = self.services.lock().await;
-        if let Some(s) = services.get(project) {
-            return Ok(Arc::clone(s));
+impl Sessions {
+    async fn engine(&self, project: &str) -> PgWireResult<Arc<QueryEngine>> {
+        let Some(engines) = &self.projects else {
+            return Err(refused("project-scoped sessions are not served here".into()));
+        };
+        let mut installed = self.installed.lock().await;
+        if let Some(e) = installed.get(project) {
+            return Ok(Arc::clone(e));
         }
-        let engine = (self.engines.0)(project.to_string())
-            .await
-            .map_err(|e| PgWireError::ApiError(e.into()))?;
+        let engine =
+            (engines.0)(project.to_string()).await.map_err(|e| PgWireError::ApiError(e.into()))?;
         install_pg_catalog(&engine).map_err(|e| PgWireError::ApiError(Box::new(e)))?;
-        let service = Arc::new(session_service(&engine));
-        services.insert(project.to_string(), Arc::clone(&service));
+        installed.insert(project.to_string(), Arc::clone(&engine));
+        Ok(engine)
+    }
+
+    /// The connection's session service, created on its first statement.
+    async fn service<C: ClientInfo>(&self, client: &C) -> PgWireResult<Arc<DfSessionService>> {
+        if let Some(s) = client.session_extensions().get::<Session>() {
+            return Ok(Arc::clone(&s.0));
+        }
+        let engine = match client.metadata().get(PROJECT) {
+            Some(p) => self.engine(p).await?,
+            None => Arc::clone(&self.shared),
+        };
+        let service = Arc::new(session_service(engine.query_context()));
+        client.session_extensions().insert(Session(Arc::clone(&service)));
         Ok(service)
     }
 }
 
 /// Serves the Postgres protocol until the task is dropped.
-pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<()> {
+pub async fn serve(engine: &Arc<QueryEngine>, config: &PgConfig) -> std::io::Result<()> {
     let mut opts = ServerOptions::new()
         .with_host(config.listen.ip().to_string())
         .with_port(config.listen.port())
@@ -386,7 +409,11 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     if let Some((cert, key)) = &config.tls {
         opts = opts.with_tls_cert_path(Some(cert.clone())).with_tls_key_path(Some(key.clone()));
     }
-    let service = Arc::new(session_service(engine));
+    let sessions = Arc::new(Sessions {
+        shared: Arc::clone(engine),
+        projects: config.projects.clone(),
+        installed: tokio::sync::Mutex::new(HashMap::new()),
+    });
     let connections = Arc::new(ConnectionManager::new());
     let users: HashMap<String, String> = config.users.iter().cloned().collect();
     // What a password accepted by the API key check is replaced with before the cleartext
@@ -402,15 +429,14 @@ pub async fn serve(engine: &QueryEngine, config: &PgConfig) -> std::io::Result<(
     )
     .with_connection_manager(Arc::clone(&connections));
     let handlers = Handlers {
-        simple: Arc::new(Simple {
-            inner: Arc::clone(&service),
-            timeout: config.timeout,
-            projects: config.projects.clone().map(|engines| ProjectServices {
-                engines,
-                services: tokio::sync::Mutex::new(HashMap::new()),
+        simple: Arc::new(Simple { sessions: Arc::clone(&sessions), timeout: config.timeout }),
+        extended: Arc::new(Extended {
+            parser: Arc::new(ScopedParser {
+                shared: session_service(engine.context().clone()).query_parser(),
+                sessions,
             }),
+            timeout: config.timeout,
         }),
-        extended: Arc::new(Extended { inner: Arc::clone(&service), timeout: config.timeout }),
         startup: Arc::new(Startup {
             password,
             users: !config.users.is_empty(),
@@ -526,9 +552,27 @@ impl StartupHandler for Startup {
 /// 57014 when the client's cancel request arrives or the time limit passes (the DataFusion
 /// plan is dropped, which stops its tasks).
 struct Simple {
-    inner: Arc<DfSessionService>,
+    sessions: Arc<Sessions>,
     timeout: std::time::Duration,
-    projects: Option<ProjectServices>,
+}
+
+/// Memory limits reached answer SQLSTATE 53200 (out_of_memory) as Postgres does, with the
+/// message naming the limit; other errors pass unchanged.
+fn out_of_memory(e: PgWireError) -> PgWireError {
+    match &e {
+        PgWireError::ApiError(inner) => {
+            let message = inner.to_string();
+            if message.starts_with("Resources exhausted") {
+                return PgWireError::UserError(Box::new(ErrorInfo::new(
+                    "ERROR".into(),
+                    "53200".into(),
+                    message,
+                )));
+            }
+            e
+        }
+        _ => e,
+    }
 }
 
 fn cancelled(message: &str) -> PgWireError {
@@ -574,7 +618,7 @@ fn guard_rows(
                 };
                 return match step {
                     Stop::Row(None) => None,
-                    Stop::Row(Some(r)) => Some((r, (rows, cancel, false))),
+                    Stop::Row(Some(r)) => Some((r.map_err(out_of_memory), (rows, cancel, false))),
                     Stop::Deadline => Some((
                         Err(cancelled("canceling statement due to statement timeout")),
                         (rows, cancel, true),
@@ -618,18 +662,13 @@ impl SimpleQueryHandler for Simple {
     {
         let (deadline, cancel) = start_query(client, self.timeout).await;
         // A project-scoped session runs on its project's engine.
-        let inner = match (client.metadata().get(PROJECT).cloned(), &self.projects) {
-            (None, _) => Arc::clone(&self.inner),
-            (Some(p), Some(projects)) => projects.get(&p).await?,
-            (Some(_), None) => {
-                return Err(refused("project-scoped sessions are not served here".into()));
-            }
-        };
+        let inner = self.sessions.service(client).await?;
         let planned =
             tokio::time::timeout_at(deadline, SimpleQueryHandler::do_query(&*inner, client, query))
                 .await;
-        let responses =
-            planned.map_err(|_| cancelled("canceling statement due to statement timeout"))??;
+        let responses = planned
+            .map_err(|_| cancelled("canceling statement due to statement timeout"))?
+            .map_err(out_of_memory)?;
         // One cancel request ends the first streaming result; later ones in a multi-statement
         // string run to completion (rare: clients send one heavy query at a time).
         let mut cancel = cancel;
@@ -648,19 +687,61 @@ impl SimpleQueryHandler for Simple {
     }
 }
 
-/// The extended protocol with the same statement time limit and cancellation as [`Simple`].
+type DfParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+type DfStatement = <DfSessionService as ExtendedQueryHandler>::Statement;
+
+/// Plans a session's statements (Parse) on the session's own context: a project-scoped
+/// session's on its project's engine, so the plan a portal later executes only ever reads that
+/// project's partitions.
+struct ScopedParser {
+    /// For what depends on the parsed statement alone (parameter and result types).
+    shared: Arc<DfParser>,
+    sessions: Arc<Sessions>,
+}
+
+#[async_trait]
+impl pgwire::api::stmt::QueryParser for ScopedParser {
+    type Statement = DfStatement;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<pgwire::api::Type>],
+    ) -> PgWireResult<Option<Self::Statement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        self.sessions.service(client).await?.query_parser().parse_sql(client, sql, types).await
+    }
+
+    fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<pgwire::api::Type>> {
+        self.shared.get_parameter_types(stmt)
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Self::Statement,
+        column_format: Option<&pgwire::api::portal::Format>,
+    ) -> PgWireResult<Vec<pgwire::api::results::FieldInfo>> {
+        self.shared.get_result_schema(stmt, column_format)
+    }
+}
+
+/// The extended protocol with the same statement time limit and cancellation as [`Simple`],
+/// and project-scoped sessions planned and run on their project's engine.
 struct Extended {
-    inner: Arc<DfSessionService>,
+    parser: Arc<ScopedParser>,
     timeout: std::time::Duration,
 }
 
 #[async_trait]
 impl ExtendedQueryHandler for Extended {
     type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
-    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+    type QueryParser = ScopedParser;
 
     fn query_parser(&self) -> Arc<Self::QueryParser> {
-        self.inner.query_parser()
+        Arc::clone(&self.parser)
     }
 
     async fn do_query<C>(
@@ -675,18 +756,17 @@ impl ExtendedQueryHandler for Extended {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if client.metadata().contains_key(PROJECT) {
-            return Err(refused(
-                "a project-scoped key queries over the simple query protocol only (as psql and Grafana do); use an admin key for prepared statements".into(),
-            ));
-        }
+        let inner = self.parser.sessions.service(client).await?;
         let (deadline, cancel) = start_query(client, self.timeout).await;
         let planned = tokio::time::timeout_at(
             deadline,
-            ExtendedQueryHandler::do_query(&*self.inner, client, portal, max_rows),
+            ExtendedQueryHandler::do_query(&*inner, client, portal, max_rows),
         )
         .await;
-        match planned.map_err(|_| cancelled("canceling statement due to statement timeout"))?? {
+        match planned
+            .map_err(|_| cancelled("canceling statement due to statement timeout"))?
+            .map_err(out_of_memory)?
+        {
             Response::Query(mut q) => {
                 let rows = std::mem::replace(&mut q.data_rows, Box::pin(futures::stream::empty()));
                 q.data_rows = guard_rows(rows, cancel, deadline);

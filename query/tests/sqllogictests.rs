@@ -219,7 +219,7 @@ impl sqllogictest::AsyncDB for PgDb {
 }
 
 async fn make_pg_db() -> Result<PgDb, DbError> {
-    let engine = make_db().await?.engine;
+    let engine = std::sync::Arc::new(make_db().await?.engine);
     spanlake_query::pg::install_pg_catalog(&engine).map_err(|e| DbError(e.to_string()))?;
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let config = spanlake_query::pg::PgConfig { listen, ..Default::default() };

@@ -284,8 +284,21 @@ fn api_keys_roles_and_projects_on_every_interface() {
     let listed = server.cli(&["keys", "list"]);
     assert_eq!(listed.lines().count(), 4, "{listed}");
     assert!(!listed.contains(&ingest_a), "secrets are never listed");
-    let key_file = std::fs::read_to_string(server.data_dir().join("keys.json")).unwrap();
-    assert!(!key_file.contains(&ingest_a) && !key_file.contains(&admin), "only hashes are stored");
+    // One object per key in the location (here the data directory), holding its hash only.
+    let stored: Vec<String> = std::fs::read_dir(server.data_dir().join("_keys"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(stored.len(), 4);
+    for secret in [&ingest_a, &ingest_b, &read_a, &admin] {
+        assert!(stored.iter().all(|k| !k.contains(secret.as_str())), "only hashes are stored");
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(secret.as_bytes()));
+        assert_eq!(stored.iter().filter(|k| k.contains(&digest)).count(), 1);
+    }
+    // The running server picks the keys up within `security.keys_refresh`.
+    server.wait_for("the keys to be in force", || {
+        call(&server, "GET", "/api/services", None, None).0 == 401
+    });
 
     let pb = "application/x-protobuf";
     // No key, a wrong key, a key of the wrong role.
@@ -572,14 +585,42 @@ fn api_keys_roles_and_projects_on_every_interface() {
             _ => None,
         });
         assert_eq!(n.as_deref(), Some("0"));
-        let e = client.query("SELECT count(*) FROM spans", &[]).await.unwrap_err();
-        assert!(
-            e.as_db_error()
-                .unwrap()
-                .message()
-                .starts_with("a project-scoped key queries over the simple query protocol only"),
-            "{e:?}"
-        );
+        // The extended protocol (prepared statements, bound parameters) is planned and run on
+        // the project's engine too: B's rows are invisible whatever the parameters say.
+        let count_of = client
+            .prepare("SELECT count(*) FROM spans WHERE service_name = $1 OR $2")
+            .await
+            .unwrap();
+        for (service, all, expected) in [("svc-a", false, 3), ("svc-b", false, 0), ("x", true, 3)] {
+            let row = client.query_one(&count_of, &[&service, &all]).await.unwrap();
+            assert_eq!(row.get::<_, i64>(0), expected, "{service} {all}");
+        }
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM spans s JOIN traces t ON s.trace_id = t.trace_id \
+                 WHERE s.service_name <> $1",
+                &[&"svc-a"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 0);
+        let tables: Vec<String> = client
+            .query(
+                "SELECT DISTINCT table_name FROM information_schema.tables \
+                 WHERE table_schema = $1 ORDER BY 1",
+                &[&"public"],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(tables, ["sessions", "spans", "traces"]);
+        let e = client
+            .query("SELECT count(*) FROM read_parquet($1)", &[&"spans/project=b"])
+            .await
+            .unwrap_err();
+        assert!(e.as_db_error().unwrap().message().contains("read_parquet"), "{e:?}");
     });
     for wrong in [ingest_a.as_str(), "", "slk_00000000_00"] {
         let (out, err) = psql(wrong);
@@ -591,10 +632,56 @@ fn api_keys_roles_and_projects_on_every_interface() {
         );
     }
 
-    // Revoked keys are refused from the next request.
+    // Revoked keys are refused once the server has re-read the keys.
     let id = read_a.split('_').nth(1).unwrap();
     server.cli(&["keys", "revoke", id]);
-    assert_eq!(sql_as(&server, &read_a, "SELECT 1").0, 401);
+    server.wait_for("the revocation", || sql_as(&server, &read_a, "SELECT 1").0 == 401);
+    assert!(
+        server.cli(&["keys", "list"]).lines().any(|l| l.starts_with(id) && l.ends_with("revoked"))
+    );
+}
+
+/// Nodes sharing a location share the keys: created through one node's CLI, revoked through
+/// another's, in force on both.
+#[test]
+fn nodes_on_one_location_share_the_keys() {
+    let s3 = crate::harness::S3Server::start("spanlake-keys");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("spanlake.toml");
+    std::fs::write(&config, "version = 1\n[security]\nkeys_refresh = \"200ms\"\n").unwrap();
+    let mut env = s3.env();
+    env.push(("SPANLAKE_CONFIG".into(), config.display().to_string()));
+    env.push(("SPANLAKE_LOCATION".into(), "s3://spanlake-keys/lake".into()));
+    let node = |name: &str| {
+        TestServer::start_with(ServerOptions {
+            env: env.clone(),
+            data_dir: Some(tmp.path().join(name)),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node("a"), node("b"));
+    assert_eq!(sql_as(&b, "", "SELECT 1").0, 200, "no key yet: open on localhost");
+    let admin = a.cli(&["keys", "create", "--role", "admin", "--project", "default"]);
+    let admin = admin.trim();
+    assert_eq!(s3.list("lake/_keys/").len(), 1);
+    for n in [&a, &b] {
+        n.wait_for("the key", || sql_as(n, "", "SELECT 1").0 == 401);
+        assert_eq!(sql_as(n, admin, "SELECT 1").0, 200);
+    }
+    assert!(b.cli(&["keys", "list"]).contains("\tadmin\tdefault\t"));
+    let id = admin.split('_').nth(1).unwrap();
+    b.cli(&["keys", "revoke", id]);
+    for n in [&a, &b] {
+        n.wait_for("the revocation", || sql_as(n, admin, "SELECT 1").0 == 401);
+    }
+    // Revoking the last key does not open the nodes: authentication stays on.
+    for n in [&a, &b] {
+        assert_eq!(sql_as(n, "", "SELECT 1").0, 401);
+    }
+    assert_eq!(
+        b.cli_status(&["keys", "revoke", "00000000"]).2.lines().next(),
+        Some("Error: no key with id 00000000")
+    );
 }
 
 #[test]
