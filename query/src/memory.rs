@@ -120,8 +120,8 @@ mod tests {
         let shared: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1000));
         let a: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(Arc::clone(&shared), 600));
         let b: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(Arc::clone(&shared), 600));
-        let mut ra = MemoryConsumer::new("HashJoinInput").register(&a);
-        let mut rb = MemoryConsumer::new("HashJoinInput").register(&b);
+        let ra = MemoryConsumer::new("HashJoinInput").register(&a);
+        let rb = MemoryConsumer::new("HashJoinInput").register(&b);
         ra.try_grow(500).unwrap();
         let e = ra.try_grow(101).unwrap_err().to_string();
         assert!(e.contains("query memory limit reached: HashJoinInput"), "{e}");
@@ -142,8 +142,8 @@ mod tests {
     fn spillable_consumers_keep_the_fair_share_of_the_shared_pool() {
         let shared: Arc<dyn MemoryPool> = Arc::new(FairSpillPool::new(1000));
         let a: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(Arc::clone(&shared), 10_000));
-        let mut r1 = MemoryConsumer::new("s1").with_can_spill(true).register(&a);
-        let mut r2 = MemoryConsumer::new("s2").with_can_spill(true).register(&a);
+        let r1 = MemoryConsumer::new("s1").with_can_spill(true).register(&a);
+        let r2 = MemoryConsumer::new("s2").with_can_spill(true).register(&a);
         r1.try_grow(500).unwrap();
         r1.try_grow(1).unwrap_err();
         r2.try_grow(500).unwrap();
