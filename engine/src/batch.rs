@@ -46,10 +46,32 @@ pub struct SpanBatchBuilder {
     rows: usize,
 }
 
+/// Bytes of text expected in the large columns of a batch, so that their buffers are allocated
+/// once instead of doubling (each doubling copies everything written so far).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextCapacity {
+    /// `attributes` (JSON text).
+    pub attributes: usize,
+    /// `input` (prompts, tool arguments).
+    pub input: usize,
+    /// `output` (completions, tool results).
+    pub output: usize,
+    /// `events` (JSON text).
+    pub events: usize,
+}
+
 impl SpanBatchBuilder {
     /// A builder with room for `rows` rows.
     pub fn with_capacity(rows: usize) -> Self {
+        Self::with_text_capacity(rows, TextCapacity::default())
+    }
+
+    /// A builder with room for `rows` rows and at least `text` bytes in the large columns.
+    pub fn with_text_capacity(rows: usize, text: TextCapacity) -> Self {
         let s = |bytes_per_row: usize| StringBuilder::with_capacity(rows, rows * bytes_per_row);
+        let big = |bytes: usize, bytes_per_row: usize| {
+            StringBuilder::with_capacity(rows, bytes.max(rows * bytes_per_row))
+        };
         let t = || TimestampNanosecondBuilder::with_capacity(rows).with_timezone("UTC");
         Self {
             trace_id: s(32),
@@ -75,11 +97,11 @@ impl SpanBatchBuilder {
             agent_name: s(0),
             session_id: s(0),
             user_id: s(0),
-            input: s(0),
-            output: s(0),
-            attributes: s(64),
+            input: big(text.input, 0),
+            output: big(text.output, 0),
+            attributes: big(text.attributes, 64),
             resource_attributes: s(32),
-            events: s(2),
+            events: big(text.events, 2),
             links: s(2),
             scope: s(16),
             rows: 0,

@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use serde_json::{Map, Value};
-use spanlake_engine::batch::SpanBatchBuilder;
+use spanlake_engine::batch::{SpanBatchBuilder, TextCapacity};
 use spanlake_engine::pricing::PriceTable;
 use spanlake_engine::record::{SpanRecord, kind, span_type, status};
 use spanlake_proto::collector::ExportTraceServiceRequest;
@@ -408,7 +408,8 @@ pub fn normalize(
 ) -> spanlake_engine::Result<Normalized> {
     let total: usize =
         req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum();
-    let mut builder = SpanBatchBuilder::with_capacity(total.min(ctx.max_spans));
+    let mut builder =
+        SpanBatchBuilder::with_text_capacity(total.min(ctx.max_spans), text_capacity(req));
     let mut out = Normalized {
         batch: RecordBatch::new_empty(spanlake_engine::schema::spans_schema()),
         rejected: 0,
@@ -520,6 +521,53 @@ pub fn normalize(
     out.cuts.add(json.cuts);
     out.batch = builder.finish()?;
     Ok(out)
+}
+
+/// Room the large text columns will need for a request, from the string values its spans carry
+/// (one cheap pass over the keys): everything for `attributes` (plus key and JSON punctuation,
+/// plus a little for escaping), prompt-like and completion-like keys for `input` and `output`.
+fn text_capacity(req: &ExportTraceServiceRequest) -> TextCapacity {
+    let mut c = TextCapacity::default();
+    let len = |v: &Option<AnyValue>| match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.len(),
+        _ => 8,
+    };
+    for span in req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).flat_map(|ss| &ss.spans) {
+        for kv in &span.attributes {
+            let n = len(&kv.value);
+            c.attributes += kv.key.len() + n + n / 16 + 6;
+            let k = kv.key.as_str();
+            if matches!(
+                k,
+                "gen_ai.input.messages"
+                    | "input.value"
+                    | "traceloop.entity.input"
+                    | "gen_ai.tool.call.arguments"
+            ) || k.starts_with("llm.input_messages.")
+                || k.starts_with("gen_ai.prompt")
+            {
+                c.input += n + n / 16;
+            } else if matches!(
+                k,
+                "gen_ai.output.messages"
+                    | "output.value"
+                    | "traceloop.entity.output"
+                    | "gen_ai.tool.call.result"
+            ) || k.starts_with("llm.output_messages.")
+                || k.starts_with("gen_ai.completion")
+            {
+                c.output += n + n / 16;
+            }
+        }
+        for e in &span.events {
+            c.events += e.name.len() + 48;
+            for kv in &e.attributes {
+                c.events += kv.key.len() + len(&kv.value) + 6;
+            }
+        }
+        c.attributes += 2;
+    }
+    c
 }
 
 fn hex_lossy(bytes: &[u8]) -> String {
