@@ -160,6 +160,9 @@ pub struct StorageConfig {
     pub wal_queue_requests: usize,
     /// zstd level of Parquet files.
     pub zstd_level: i32,
+    /// zstd level of the text columns (prompts, completions, attributes, events) in files
+    /// written by flushes; compaction rewrites them at `zstd_level`.
+    pub flush_text_zstd_level: i32,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,
     /// How often to look for catalog commits of other nodes.
@@ -185,6 +188,7 @@ impl Default for StorageConfig {
             wal_segment_size: ByteSize(e.wal_segment_bytes),
             wal_queue_requests: e.wal_queue_requests,
             zstd_level: e.writer.zstd_level,
+            flush_text_zstd_level: e.writer.flush_text_zstd_level,
             row_group_rows: e.writer.row_group_rows,
             catalog_refresh: HumanDuration(e.catalog_refresh),
             retention: e.maintenance.retention.map(HumanDuration),
@@ -454,6 +458,7 @@ impl Config {
         e.wal_segment_bytes = s.wal_segment_size.0;
         e.wal_queue_requests = s.wal_queue_requests;
         e.writer.zstd_level = s.zstd_level;
+        e.writer.flush_text_zstd_level = s.flush_text_zstd_level;
         e.writer.row_group_rows = s.row_group_rows;
         e.catalog_refresh = s.catalog_refresh.0;
         e.orphan_grace = s.orphan_grace.0;

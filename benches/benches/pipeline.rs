@@ -42,6 +42,21 @@ fn stages(c: &mut Criterion) {
 
         let batch =
             normalize(&ExportTraceServiceRequest::decode(&bytes[..]).unwrap(), &ctx).unwrap().batch;
+        // Size beside speed: the same batch as a flush writes it and as compaction rewrites it.
+        for (what, level) in [("flush", 0), ("compacted", 1)] {
+            let file = encode_file(
+                "default",
+                HourPartition::of_ns(0),
+                std::slice::from_ref(&batch),
+                level,
+                &WriterConfig::default(),
+            )
+            .unwrap();
+            eprintln!(
+                "{name}: Parquet as {what}: {:.1} bytes/span",
+                file.bytes.len() as f64 / spans as f64
+            );
+        }
         let mut g = c.benchmark_group(format!("store_{name}"));
         g.throughput(Throughput::Elements(spans));
         g.bench_function("wal_record_encode_and_frame", |b| {
@@ -53,18 +68,20 @@ fn stages(c: &mut Criterion) {
                 out.len()
             })
         });
-        g.bench_function("parquet_encode_zstd3", |b| {
-            b.iter(|| {
-                encode_file(
-                    "default",
-                    HourPartition::of_ns(0),
-                    std::slice::from_ref(black_box(&batch)),
-                    0,
-                    &WriterConfig::default(),
-                )
-                .unwrap()
-            })
-        });
+        for (bench, level) in [("parquet_encode_flush", 0), ("parquet_encode_compaction", 1)] {
+            g.bench_function(bench, |b| {
+                b.iter(|| {
+                    encode_file(
+                        "default",
+                        HourPartition::of_ns(0),
+                        std::slice::from_ref(black_box(&batch)),
+                        level,
+                        &WriterConfig::default(),
+                    )
+                    .unwrap()
+                })
+            });
+        }
         g.finish();
     }
 }

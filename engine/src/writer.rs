@@ -29,6 +29,10 @@ use crate::trace_index::TraceFilter;
 pub struct WriterConfig {
     /// zstd level (1–22).
     pub zstd_level: i32,
+    /// zstd level of the large text columns (prompts, completions, attributes, events) in
+    /// files written by flushes, which are on the ingest path; compaction rewrites them at
+    /// `zstd_level`. Level 1 compresses this text about twice as fast as level 3.
+    pub flush_text_zstd_level: i32,
     /// Rows per row group.
     pub row_group_rows: usize,
     /// Rows per data page (smaller pages make lookups by trace id read less).
@@ -39,7 +43,13 @@ pub struct WriterConfig {
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        Self { zstd_level: 3, row_group_rows: 256 * 1024, page_rows: 8 * 1024, bloom_fpp: 0.01 }
+        Self {
+            zstd_level: 3,
+            flush_text_zstd_level: 1,
+            row_group_rows: 256 * 1024,
+            page_rows: 8 * 1024,
+            bloom_fpp: 0.01,
+        }
     }
 }
 
@@ -193,8 +203,16 @@ pub fn encode_sorted(
 
     let zstd = ZstdLevel::try_new(config.zstd_level).map_err(parquet_err)?;
     let trace_id = ColumnPath::from(col::TRACE_ID);
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(zstd))
+    let mut props = WriterProperties::builder().set_compression(Compression::ZSTD(zstd));
+    if level == 0 && config.flush_text_zstd_level != config.zstd_level {
+        let text = Compression::ZSTD(
+            ZstdLevel::try_new(config.flush_text_zstd_level).map_err(parquet_err)?,
+        );
+        for c in [col::INPUT, col::OUTPUT, col::ATTRIBUTES, col::EVENTS] {
+            props = props.set_column_compression(ColumnPath::from(c), text);
+        }
+    }
+    let props = props
         .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
         .set_data_page_row_count_limit(config.page_rows.max(1))
         .set_statistics_enabled(EnabledStatistics::Page)
