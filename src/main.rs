@@ -208,6 +208,10 @@ struct ServeArgs {
     /// Memory ingest may hold before Parquet (e.g. `1GiB`).
     #[arg(long, env = "SPANLAKE_MEMORY_BUDGET")]
     memory_budget: Option<String>,
+    /// Listen beyond localhost while no API key exists: no authentication at all, anyone who
+    /// can reach the ports can send and read everything (`security.allow_unauthenticated_network`).
+    #[arg(long, env = "SPANLAKE_ALLOW_UNAUTHENTICATED_NETWORK")]
+    allow_unauthenticated_network: bool,
     /// Enables `POST /debug/faults`, which makes object store calls fail on purpose (for fault
     /// tests; never in production).
     #[arg(long, env = "SPANLAKE_FAULT_INJECTION", hide = true)]
@@ -269,6 +273,9 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()
     }
     if let Some(m) = &args.memory_budget {
         config.storage.memory_budget = config::ByteSize(config::parse_size(m)?);
+    }
+    if args.allow_unauthenticated_network {
+        config.security.allow_unauthenticated_network = true;
     }
     Ok(())
 }

@@ -709,4 +709,36 @@ fn without_keys_only_localhost_is_served() {
         err.contains("no API key exists and HTTP 0.0.0.0:0 would be reachable beyond localhost without authentication"),
         "{err}"
     );
+
+    // The explicit flag lets it start, and the log says what that means.
+    let port = crate::harness::free_port();
+    let log = tmp.path().join("serve.log");
+    let mut child = std::process::Command::new(crate::harness::binary())
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args(["serve", "--allow-unauthenticated-network", "--http-listen"])
+        .arg(format!("0.0.0.0:{port}"))
+        .args(["--grpc-listen", "127.0.0.1:0", "--pg-listen", "127.0.0.1:0"])
+        .args(["--flight-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let healthy = loop {
+        let up = reqwest::blocking::get(format!("http://127.0.0.1:{port}/health"))
+            .is_ok_and(|r| r.status().is_success());
+        if up || std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break up;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(healthy, "{text}");
+    assert!(
+        text.contains("listening beyond localhost WITHOUT authentication (security.allow_unauthenticated_network)"),
+        "{text}"
+    );
 }
