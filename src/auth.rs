@@ -128,18 +128,36 @@ async fn put_key(
     location.put_opts(&key_path(&key.id), body.into(), PutOptions::from(mode)).await.map(|_| ())
 }
 
-async fn read_keys(location: &dyn ObjectStore) -> anyhow::Result<Vec<Key>> {
+/// A key as read, with the version of its object: a refresh lists the keys and reads again
+/// only the objects whose version changed (a revocation rewrites one).
+#[derive(Debug, Clone)]
+struct StoredKey {
+    path: ObjectPath,
+    version: (Option<String>, chrono::DateTime<chrono::Utc>, u64),
+    key: Key,
+}
+
+/// The keys in the location, reusing `known` ones whose objects did not change.
+async fn read_keys(
+    location: &dyn ObjectStore,
+    known: &[StoredKey],
+) -> anyhow::Result<Vec<StoredKey>> {
     let prefix = ObjectPath::from(KEYS_PREFIX);
     let metas: Vec<_> =
         location.list(Some(&prefix)).try_collect().await.context("cannot list the API keys")?;
     let mut keys = Vec::with_capacity(metas.len());
-    for meta in metas.iter().filter(|m| m.location.as_ref().ends_with(".json")) {
+    for meta in metas.into_iter().filter(|m| m.location.as_ref().ends_with(".json")) {
+        let version = (meta.e_tag, meta.last_modified, meta.size);
+        if let Some(k) = known.iter().find(|k| k.path == meta.location && k.version == version) {
+            keys.push(k.clone());
+            continue;
+        }
         let bytes = location.get(&meta.location).await?.bytes().await?;
         let key: Key = serde_json::from_slice(&bytes)
             .with_context(|| format!("{} is not a key", meta.location))?;
-        keys.push(key);
+        keys.push(StoredKey { path: meta.location, version, key });
     }
-    keys.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+    keys.sort_by(|a, b| a.key.created.cmp(&b.key.created).then_with(|| a.key.id.cmp(&b.key.id)));
     Ok(keys)
 }
 
@@ -181,7 +199,7 @@ pub async fn create(
 /// All keys.
 pub async fn list(data_dir: &Path, location: &dyn ObjectStore) -> anyhow::Result<Vec<Key>> {
     migrate_legacy(data_dir, location).await?;
-    read_keys(location).await
+    Ok(read_keys(location, &[]).await?.into_iter().map(|k| k.key).collect())
 }
 
 /// Revokes a key by id (for good: revoked keys are kept for the record).
@@ -203,20 +221,21 @@ pub async fn revoke(data_dir: &Path, location: &dyn ObjectStore, id: &str) -> an
 #[derive(Debug)]
 pub struct KeyStore {
     location: Arc<dyn ObjectStore>,
-    cache: RwLock<Vec<Key>>,
+    cache: RwLock<Vec<StoredKey>>,
 }
 
 impl KeyStore {
     /// The key store of a location (moving the keys of a `<data_dir>/keys.json` into it).
     pub async fn open(data_dir: &Path, location: Arc<dyn ObjectStore>) -> anyhow::Result<Self> {
         migrate_legacy(data_dir, &*location).await?;
-        let keys = read_keys(&*location).await?;
+        let keys = read_keys(&*location, &[]).await?;
         Ok(Self { location, cache: RwLock::new(keys) })
     }
 
     /// Re-reads the keys.
     pub async fn refresh(&self) -> anyhow::Result<()> {
-        let keys = read_keys(&*self.location).await?;
+        let known = self.cache.read().expect("lock").clone();
+        let keys = read_keys(&*self.location, &known).await?;
         *self.cache.write().expect("lock") = keys;
         Ok(())
     }
@@ -289,6 +308,7 @@ impl KeyStore {
         let cache = self.cache.read().expect("lock");
         let key = cache
             .iter()
+            .map(|k| &k.key)
             .find(|k| k.id == id && !k.revoked && k.sha256 == digest)
             .ok_or(Refusal::Invalid)?;
         let allowed = match access {
@@ -554,5 +574,15 @@ mod tests {
         let ids: Vec<String> =
             list(dir.path(), &*location).await.unwrap().into_iter().map(|k| k.id).collect();
         assert_eq!(ids, ["0000000a", "0000000b"]);
+
+        // A refresh reads again what changed: a revocation, a new key.
+        revoke(dir.path(), &*location, "0000000a").await.unwrap();
+        let (_, secret) = create(dir.path(), &*location, "", Role::Admin, "p").await.unwrap();
+        store.refresh().await.unwrap();
+        assert_eq!(
+            store.check(Some("slk_0000000a_x"), Access::Read).unwrap_err(),
+            Refusal::Invalid
+        );
+        assert_eq!(store.check(Some(&secret), Access::Admin).unwrap().role, Role::Admin);
     }
 }

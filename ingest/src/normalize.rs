@@ -536,25 +536,33 @@ fn text_capacity(req: &ExportTraceServiceRequest) -> TextCapacity {
         for kv in &span.attributes {
             let n = len(&kv.value);
             c.attributes += kv.key.len() + n + n / 16 + 6;
+            // The keys `input` and `output` are read from (see `append_span`).
             let k = kv.key.as_str();
+            let known = key_index(k);
             if matches!(
-                k,
-                "gen_ai.input.messages"
-                    | "input.value"
-                    | "traceloop.entity.input"
-                    | "gen_ai.tool.call.arguments"
+                known,
+                Some(
+                    K::GENAI_INPUT_MESSAGES
+                        | K::INPUT_VALUE
+                        | K::TL_ENTITY_INPUT
+                        | K::GENAI_TOOL_ARGUMENTS
+                        | K::GENAI_PROMPT
+                )
             ) || k.starts_with("llm.input_messages.")
-                || k.starts_with("gen_ai.prompt")
+                || k.starts_with("gen_ai.prompt.")
             {
                 c.input += n + n / 16;
             } else if matches!(
-                k,
-                "gen_ai.output.messages"
-                    | "output.value"
-                    | "traceloop.entity.output"
-                    | "gen_ai.tool.call.result"
+                known,
+                Some(
+                    K::GENAI_OUTPUT_MESSAGES
+                        | K::OUTPUT_VALUE
+                        | K::TL_ENTITY_OUTPUT
+                        | K::GENAI_TOOL_RESULT
+                        | K::GENAI_COMPLETION
+                )
             ) || k.starts_with("llm.output_messages.")
-                || k.starts_with("gen_ai.completion")
+                || k.starts_with("gen_ai.completion.")
             {
                 c.output += n + n / 16;
             }

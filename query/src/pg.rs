@@ -418,7 +418,7 @@ pub async fn serve(engine: &Arc<QueryEngine>, config: &PgConfig) -> std::io::Res
     let users: HashMap<String, String> = config.users.iter().cloned().collect();
     // What a password accepted by the API key check is replaced with before the cleartext
     // handler compares it: random per process, so no client can send it.
-    let marker = format!("{:032x}", rand_u128());
+    let marker = format!("{:032x}", rand::random::<u128>());
     let password = CleartextPasswordAuthStartupHandler::new(
         ConfigUsers {
             users: Arc::new(users),
@@ -455,21 +455,6 @@ struct ConfigUsers {
     users: Arc<HashMap<String, String>>,
     keys: Option<ApiKeys>,
     marker: String,
-}
-
-fn rand_u128() -> u128 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut out = 0u128;
-    for _ in 0..2 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        out = (out << 64) | u128::from(h.finish());
-    }
-    out
 }
 
 #[async_trait]
