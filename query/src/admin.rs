@@ -24,7 +24,7 @@ use spanlake_engine::store::SpanStore;
 
 use crate::engine::QueryEngine;
 use crate::error::{Error, Result};
-use crate::provider::SpansTable;
+use crate::provider::{SpansTable, to_stored};
 
 /// The outcome of a deletion.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -73,7 +73,7 @@ pub async fn delete_where(
         )))?;
         let expr = keep.parse_sql_expr(predicate)?;
         let batches = keep.filter(expr.is_not_true())?.collect().await?;
-        replacements.push((f, batches));
+        replacements.push((f, to_stored(&batches)?));
     }
     let replaced = engine
         .replace_files(&guard, replacements)

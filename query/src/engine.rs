@@ -2,14 +2,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ParamValues;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement;
@@ -308,9 +308,52 @@ async fn run(ctx: SessionContext, sql: String, params: Option<ParamValues>) -> R
         plan = plan.with_param_values(params)?;
     }
     let df = ctx.execute_logical_plan(plan).await?;
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let schema = plain_schema(df.schema().as_arrow());
+    let batches = df
+        .collect()
+        .await?
+        .iter()
+        .map(|b| plain_batch(b, &schema))
+        .collect::<datafusion::error::Result<_>>()?;
     Ok(QueryResult { schema, batches })
+}
+
+/// A result schema with view types as their plain forms (`Utf8View` as `Utf8`, `BinaryView` as
+/// `Binary`). Text columns are views inside queries (see [`crate::provider::query_schema`]);
+/// results leave as plain strings, which every Arrow reader (Flight SQL drivers, Arrow IPC and
+/// Parquet downloads) understands.
+pub(crate) fn plain_schema(schema: &arrow::datatypes::Schema) -> SchemaRef {
+    let plain = |t: &DataType| match t {
+        DataType::Utf8View => Some(DataType::Utf8),
+        DataType::BinaryView => Some(DataType::Binary),
+        _ => None,
+    };
+    Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        schema
+            .fields()
+            .iter()
+            .map(|f| match plain(f.data_type()) {
+                Some(t) => Arc::new(f.as_ref().clone().with_data_type(t)),
+                None => Arc::clone(f),
+            })
+            .collect::<Vec<_>>(),
+        schema.metadata().clone(),
+    ))
+}
+
+/// `batch` cast to `schema` (its [`plain_schema`]).
+fn plain_batch(batch: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Result<RecordBatch> {
+    if batch.schema_ref().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let rows = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(Arc::clone(schema), columns, &rows)?)
 }
 
 async fn plan_statement(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> {
@@ -325,11 +368,37 @@ async fn plan_statement(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> 
         count => return Err(Error::MultipleStatements { count }),
     };
     check_read_only(&statement)?;
-    let plan = state.statement_to_plan(statement).await?;
+    let plan = text_placeholders(state.statement_to_plan(statement).await?)?;
     read_only()
         .verify_plan(&plan)
         .map_err(|source| Error::Forbidden { what: source.strip_backtrace() })?;
     Ok(plan)
+}
+
+/// Declares `$n` placeholders compared with text columns as `Utf8` (the planner infers the
+/// column's `Utf8View`): clients bind text parameters as plain strings (Postgres `text`,
+/// Arrow `Utf8` in Flight SQL), and a bound value must match its placeholder's type exactly.
+/// Once bound, the value is coerced to the column's type like any literal.
+pub(crate) fn text_placeholders(plan: LogicalPlan) -> datafusion::error::Result<LogicalPlan> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::logical_expr::expr::Placeholder;
+    plan.transform_up_with_subqueries(|node| {
+        node.map_expressions(|e| {
+            e.transform_up(|e| match e {
+                Expr::Placeholder(Placeholder { id, field: Some(f) })
+                    if f.data_type() == &DataType::Utf8View =>
+                {
+                    let field = f.as_ref().clone().with_data_type(DataType::Utf8);
+                    Ok(Transformed::yes(Expr::Placeholder(Placeholder {
+                        id,
+                        field: Some(Arc::new(field)),
+                    })))
+                }
+                other => Ok(Transformed::no(other)),
+            })
+        })
+    })
+    .map(|t| t.data)
 }
 
 /// Refuses every statement that is not a query, before planning.

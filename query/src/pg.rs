@@ -697,7 +697,28 @@ impl pgwire::api::stmt::QueryParser for ScopedParser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        self.sessions.service(client).await?.query_parser().parse_sql(client, sql, types).await
+        let parsed = self
+            .sessions
+            .service(client)
+            .await?
+            .query_parser()
+            .parse_sql(client, sql, types)
+            .await?;
+        // Text parameters arrive as plain strings (see `text_placeholders`).
+        parsed
+            .map(|(sql, planned)| {
+                let planned = planned
+                    .map(|(statement, plan)| {
+                        Ok::<_, datafusion::error::DataFusionError>((
+                            statement,
+                            crate::engine::text_placeholders(plan)?,
+                        ))
+                    })
+                    .transpose()?;
+                Ok((sql, planned))
+            })
+            .transpose()
+            .map_err(|e: datafusion::error::DataFusionError| PgWireError::ApiError(Box::new(e)))
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<pgwire::api::Type>> {

@@ -1,9 +1,11 @@
 //! The `spans` table provider.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::catalog::TableProvider;
 use datafusion::common::{DFSchema, ScalarValue};
@@ -27,6 +29,70 @@ use spanlake_engine::store::{Scope, Snapshot, SpanStore, TimeRange};
 /// The URL under which the data location is registered with DataFusion.
 pub const STORE_URL: &str = "spanlake://data";
 
+/// The `spans` table as queries see it: the stored schema with its text columns as
+/// `Utf8View`. Parquet pages decode into views without copying each string, and comparisons,
+/// grouping and joins on views look at an inline prefix first; on generated agent spans this
+/// halved the time of filters and group-bys on `span_type`, `status_code` and `service_name`.
+/// Files and memory batches keep the stored types (`Utf8`): readers other than spanlake see
+/// plain strings.
+pub fn query_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let stored = spans_schema();
+        Arc::new(Schema::new_with_metadata(
+            stored
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    DataType::Utf8 => {
+                        Arc::new(Field::new(f.name(), DataType::Utf8View, f.is_nullable()))
+                    }
+                    _ => Arc::clone(f),
+                })
+                .collect::<Vec<_>>(),
+            stored.metadata().clone(),
+        ))
+    });
+    Arc::clone(&SCHEMA)
+}
+
+/// Casts batches of [`query_schema`] rows (the result of a query over the whole table) back to
+/// the stored schema, for rewriting files.
+pub fn to_stored(batches: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
+    let schema = spans_schema();
+    batches
+        .iter()
+        .map(|b| {
+            let columns = schema
+                .fields()
+                .iter()
+                .zip(b.columns())
+                .map(|(f, c)| cast(c, f.data_type()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(Arc::clone(&schema), columns)?)
+        })
+        .collect()
+}
+
+/// Memory batches (stored schema) as `projection` of [`query_schema`].
+fn to_query(batch: &RecordBatch, projection: Option<&Vec<usize>>) -> Result<RecordBatch> {
+    let all: Vec<usize>;
+    let indices = match projection {
+        Some(p) => p,
+        None => {
+            all = (0..batch.num_columns()).collect();
+            &all
+        }
+    };
+    let schema = Arc::new(query_schema().project(indices)?);
+    let columns = indices
+        .iter()
+        .zip(schema.fields())
+        .map(|(i, f)| cast(batch.column(*i), f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let rows = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(schema, columns, &rows)?)
+}
+
 /// `spans`: the Parquet files and the unflushed memory batches of a [`SpanStore`], for one
 /// project or for all.
 #[derive(Debug)]
@@ -41,12 +107,12 @@ pub struct SpansTable {
 impl SpansTable {
     /// The table over `store`; only `project`'s spans when one is given.
     pub fn new(store: Arc<SpanStore>, project: Option<String>) -> Self {
-        Self { store, project, schema: spans_schema(), files: None }
+        Self { store, project, schema: query_schema(), files: None }
     }
 
     /// The table over exactly `files` (no memory batches).
     pub fn over_files(store: Arc<SpanStore>, files: Vec<Arc<DataFile>>) -> Self {
-        Self { store, project: None, schema: spans_schema(), files: Some(files) }
+        Self { store, project: None, schema: query_schema(), files: Some(files) }
     }
 }
 
@@ -122,12 +188,16 @@ impl TableProvider for SpansTable {
             plans.push(DataSourceExec::from_data_source(config));
         }
         if !snapshot.batches.is_empty() {
-            let batches: Vec<_> = snapshot.batches.iter().map(|b| b.batch.clone()).collect();
-            plans.push(MemorySourceConfig::try_new_exec(
-                &[batches],
-                Arc::clone(&self.schema),
-                projection.cloned(),
-            )?);
+            let batches = snapshot
+                .batches
+                .iter()
+                .map(|b| to_query(&b.batch, projection))
+                .collect::<Result<Vec<_>>>()?;
+            let schema = match projection {
+                Some(p) => Arc::new(self.schema.project(p)?),
+                None => Arc::clone(&self.schema),
+            };
+            plans.push(MemorySourceConfig::try_new_exec(&[batches], schema, None)?);
         }
         match plans.len() {
             0 => {
