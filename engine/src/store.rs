@@ -30,6 +30,11 @@ impl TimeRange {
     pub fn overlaps(&self, lo: i64, hi: i64) -> bool {
         self.min_ns.is_none_or(|m| hi >= m) && self.max_ns.is_none_or(|m| lo <= m)
     }
+
+    /// Whether either bound is set.
+    pub fn is_bounded(&self) -> bool {
+        self.min_ns.is_some() || self.max_ns.is_some()
+    }
 }
 
 /// A batch held in memory until flushed.
