@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--url", default="http://127.0.0.1:4318")
     ap.add_argument("--data", required=True)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", help="comma-separated query names to run (default: all)")
     a = ap.parse_args()
 
     con = duckdb.connect()
@@ -111,7 +112,10 @@ def main():
     t1 = con.execute(f"SELECT strftime(TIMESTAMPTZ '{t0}' + INTERVAL 1 HOUR, '%Y-%m-%dT%H:%M:%SZ')").fetchone()[0]
     trace = con.execute("SELECT trace_id FROM spans USING SAMPLE 1 ROWS").fetchone()[0]
     results = []
+    only = set(a.only.split(",")) if a.only else None
     for name, ours, theirs in QUERIES:
+        if only is not None and name not in only:
+            continue
         fill = lambda q: q.replace("{T0}", t0).replace("{T1}", t1).replace("{TRACE}", trace)
         ours, theirs = fill(ours), fill(theirs or ours)
         s = timed(lambda: spanlake(a.url, ours), a.runs)

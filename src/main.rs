@@ -14,6 +14,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Storage engine and SQL backend for AI-agent traces.
 #[derive(Debug, Parser)]
 #[command(name = "spanlake", version, about)]

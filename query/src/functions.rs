@@ -16,7 +16,10 @@ use arrow::array::{Array, ArrayRef, Float64Builder, Int64Array, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use datafusion::common::DataFusionError;
-use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+use datafusion::logical_expr::{
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility, create_udf,
+};
 use datafusion::prelude::SessionContext;
 use spanlake_engine::pricing::PriceTable;
 
@@ -63,7 +66,7 @@ pub fn pg_type_name(arrow: &str) -> &'static str {
 }
 
 /// Registers the functions spanlake adds to DataFusion's: `llm_cost`, `current_setting` and
-/// `pg_type_name`.
+/// `pg_type_name`, and `date_trunc` with a fast path for UTC timestamps.
 pub fn register(ctx: &SessionContext, prices: Arc<PriceTable>) {
     let current_setting = create_udf(
         "current_setting",
@@ -146,4 +149,167 @@ pub fn register(ctx: &SessionContext, prices: Arc<PriceTable>) {
         }),
     );
     ctx.register_udf(llm_cost);
+    ctx.register_udf(ScalarUDF::new_from_impl(UtcDateTrunc {
+        inner: datafusion::functions::datetime::date_trunc(),
+    }));
+}
+
+/// `date_trunc` as DataFusion defines it, with UTC timestamps (`start_time`, `end_time`)
+/// truncated on the fast path DataFusion takes for timestamps without a zone. DataFusion
+/// converts each value through the time-zone database when the type names a zone, even UTC,
+/// which made `date_trunc('hour', start_time)` most of the time of an hourly roll-up (2.5 s of
+/// 3.4 s over 4.75 M rows). In UTC local time is UTC, so the result is the same value.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct UtcDateTrunc {
+    inner: Arc<ScalarUDF>,
+}
+
+/// The same timestamps with the zone of their type replaced (no value changes; a cast would
+/// convert each value through the time-zone database).
+fn with_zone(a: &ArrayRef, tz: Option<Arc<str>>) -> ArrayRef {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{
+        TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+        TimestampSecondType,
+    };
+    match a.data_type() {
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            Arc::new(a.as_primitive::<TimestampNanosecondType>().clone().with_timezone_opt(tz))
+        }
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            Arc::new(a.as_primitive::<TimestampMicrosecondType>().clone().with_timezone_opt(tz))
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            Arc::new(a.as_primitive::<TimestampMillisecondType>().clone().with_timezone_opt(tz))
+        }
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            Arc::new(a.as_primitive::<TimestampSecondType>().clone().with_timezone_opt(tz))
+        }
+        _ => Arc::clone(a),
+    }
+}
+
+fn is_utc(tz: &str) -> bool {
+    matches!(tz, "UTC" | "utc" | "Z" | "+00:00" | "Etc/UTC")
+}
+
+impl ScalarUDFImpl for UtcDateTrunc {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> datafusion::error::Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(
+        &self,
+        args: ReturnFieldArgs<'_>,
+    ) -> datafusion::error::Result<arrow::datatypes::FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn invoke_with_args(
+        &self,
+        mut args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let zone = match args.args.get(1) {
+            Some(ColumnarValue::Array(a)) => match a.data_type() {
+                DataType::Timestamp(unit, Some(tz)) if is_utc(tz) => Some((*unit, Arc::clone(tz))),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((unit, tz)) = zone else {
+            return self.inner.invoke_with_args(args);
+        };
+        if let ColumnarValue::Array(a) = &args.args[1] {
+            args.args[1] = ColumnarValue::Array(with_zone(a, None));
+        }
+        let naive = DataType::Timestamp(unit, None);
+        args.arg_fields[1] =
+            Arc::new(args.arg_fields[1].as_ref().clone().with_data_type(naive.clone()));
+        args.return_field = Arc::new(args.return_field.as_ref().clone().with_data_type(naive));
+        match self.inner.invoke_with_args(args)? {
+            ColumnarValue::Array(a) => Ok(ColumnarValue::Array(with_zone(&a, Some(tz)))),
+            scalar => Ok(scalar),
+        }
+    }
+
+    fn output_ordering(
+        &self,
+        input: &[datafusion::logical_expr::sort_properties::ExprProperties],
+    ) -> datafusion::error::Result<datafusion::logical_expr::sort_properties::SortProperties> {
+        self.inner.output_ordering(input)
+    }
+
+    fn documentation(&self) -> Option<&datafusion::logical_expr::Documentation> {
+        self.inner.documentation()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{RecordBatch, TimestampNanosecondArray};
+    use arrow::datatypes::{Field, Schema, TimeUnit};
+
+    /// The same answers as DataFusion's own `date_trunc` for every granularity, on UTC
+    /// timestamps spread over several years (and a null).
+    #[tokio::test]
+    async fn utc_date_trunc_answers_as_datafusion_does() {
+        let mut values: Vec<Option<i64>> = (0..2000i64)
+            .map(|i| Some(1_600_000_000_000_000_000 + i * 86_413_577_123_457))
+            .collect();
+        values.push(None);
+        values.push(Some(-1_234_567_890_123));
+        let ts = TimestampNanosecondArray::from(values).with_timezone("UTC");
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "t",
+            DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+            true,
+        )]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(ts)]).unwrap();
+        let ours = SessionContext::new();
+        register(&ours, Arc::new(PriceTable::default()));
+        let theirs = SessionContext::new();
+        for ctx in [&ours, &theirs] {
+            ctx.register_batch("x", batch.clone()).unwrap();
+        }
+        for unit in [
+            "microsecond",
+            "millisecond",
+            "second",
+            "minute",
+            "hour",
+            "day",
+            "week",
+            "month",
+            "quarter",
+            "year",
+        ] {
+            let sql = format!("SELECT t, date_trunc('{unit}', t) AS d FROM x");
+            let a = ours.sql(&sql).await.unwrap().collect().await.unwrap();
+            let b = theirs.sql(&sql).await.unwrap().collect().await.unwrap();
+            assert_eq!(a, b, "{unit}");
+            assert_eq!(a[0].schema().field(1).data_type(), batch.schema().field(0).data_type());
+        }
+        let one = ours
+            .sql("SELECT CAST(date_trunc('hour', t) AS BIGINT) FROM x LIMIT 1")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let got = one[0].column(0).as_any().downcast_ref::<Int64Array>().unwrap().value(0);
+        assert_eq!(got, 1_600_000_000_000_000_000 / 3_600_000_000_000 * 3_600_000_000_000);
+    }
 }
