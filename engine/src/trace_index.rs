@@ -15,8 +15,8 @@
 //! opens only the one or two files that hold the trace — whatever its time and however many
 //! partitions it straddles. The false-positive rate is what keeps this true as files add up:
 //! at 1 % (the first release's 10 bits per trace), a lookup over the 1,103 files of 100 M
-//! spans opened 15 files for a trace held in 2; at 20 bits, 1,103 files give 0.07 false
-//! candidates per lookup. Each filter records its own size and hash count, so filters of
+//! spans opened 15 files for a trace held in 2; at 20 bits it opened the 2 (0.07 false
+//! candidates expected per lookup over 1,103 files). Each filter records its own size and hash count, so filters of
 //! either size are read alike. Inside a file, Parquet's own bloom filter, statistics and page
 //! index narrow the read to a few pages. Files whose filter is not loaded yet are treated as
 //! candidates, so a lookup is never wrong, only slower, while the index loads.

@@ -140,15 +140,17 @@ pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)>
     Ok((deduped, dropped))
 }
 
-/// Encodings chosen per column for files sorted by trace id (measured on generated small
-/// spans, bytes per span after zstd 3, dictionary → chosen):
+/// Encodings chosen per column for files sorted by trace id. Bytes per generated small span:
+/// files written with every column dictionary-encoded (10 M spans) → one of those files
+/// (473,146 spans) rewritten with these encodings (BENCHMARKS.md, fifth session):
 ///
-/// * ids (`span_id`, `parent_span_id`, `trace_id`): `DELTA_BYTE_ARRAY`. Span ids are unique, so
-///   a dictionary only adds an index per row (10.0 → 8.7); sorted trace ids share prefixes.
+/// * ids: `DELTA_BYTE_ARRAY`. Span ids are unique, so a dictionary only adds an index per row
+///   (`span_id` 10.7 → 9.4); sorted trace ids share prefixes (`trace_id` 1.95 → 1.72,
+///   `parent_span_id` 1.21 → 0.97).
 /// * `start_time`: `DELTA_BINARY_PACKED`. Within a trace start times rise, so deltas are small
-///   (4.7 → 0.9).
-/// * `end_time`: `BYTE_STREAM_SPLIT` (5.2 → 3.8): not monotonic, but its high bytes repeat.
-/// * `duration_ms`: `PLAIN` (7.3 → 6.2): nearly every value is distinct.
+///   (4.7 → 0.95).
+/// * `end_time`: `BYTE_STREAM_SPLIT` (5.2 → 3.9): not monotonic, but its high bytes repeat.
+/// * `duration_ms`: `PLAIN` (7.4 → 6.6): nearly every value is distinct.
 ///
 /// All are standard Parquet encodings that DuckDB, Spark and Trino read.
 const COLUMN_ENCODINGS: [(&str, Encoding); 6] = [

@@ -313,7 +313,7 @@ async fn run(ctx: SessionContext, sql: String, params: Option<ParamValues>) -> R
         .collect()
         .await?
         .iter()
-        .map(|b| plain_batch(b, &schema))
+        .map(|b| crate::provider::cast_to(b, &schema))
         .collect::<datafusion::error::Result<_>>()?;
     Ok(QueryResult { schema, batches })
 }
@@ -339,21 +339,6 @@ pub(crate) fn plain_schema(schema: &arrow::datatypes::Schema) -> SchemaRef {
             .collect::<Vec<_>>(),
         schema.metadata().clone(),
     ))
-}
-
-/// `batch` cast to `schema` (its [`plain_schema`]).
-fn plain_batch(batch: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Result<RecordBatch> {
-    if batch.schema_ref().fields() == schema.fields() {
-        return Ok(batch.clone());
-    }
-    let columns = batch
-        .columns()
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let rows = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-    Ok(RecordBatch::try_new_with_options(Arc::clone(schema), columns, &rows)?)
 }
 
 async fn plan_statement(ctx: &SessionContext, sql: &str) -> Result<LogicalPlan> {

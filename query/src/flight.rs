@@ -279,7 +279,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let engine = self.engine(&request).await?;
         let plan = engine.plan(&query.query).await.map_err(status)?;
-        let schema = crate::engine::plain_schema(plan.schema().as_arrow()).as_ref().clone();
+        let schema = crate::engine::plain_schema(plan.schema().as_arrow());
         let ticket = TicketStatementQuery { statement_handle: query.query.into_bytes().into() };
         info_for(&schema, ticket.as_any().encode_to_vec(), request.into_inner())
     }
@@ -301,7 +301,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let engine = self.engine(&request).await?;
         let plan = engine.plan(&query.query).await.map_err(status)?;
-        let dataset = crate::engine::plain_schema(plan.schema().as_arrow()).as_ref().clone();
+        let dataset = crate::engine::plain_schema(plan.schema().as_arrow());
         let mut params: Vec<(String, Option<arrow::datatypes::DataType>)> =
             plan.get_parameter_types().map_err(|e| status(e.into()))?.into_iter().collect();
         // `$2` before `$10`: by number, not by text.
@@ -357,7 +357,7 @@ impl FlightSqlService for FlightSql {
         let handle = Handle::decode(&cmd.prepared_statement_handle)?;
         let engine = self.engine(&request).await?;
         let plan = engine.plan(&handle.sql).await.map_err(status)?;
-        let schema = crate::engine::plain_schema(plan.schema().as_arrow()).as_ref().clone();
+        let schema = crate::engine::plain_schema(plan.schema().as_arrow());
         info_for(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
     }
 

@@ -221,19 +221,19 @@ impl ScalarUDFImpl for UtcDateTrunc {
         &self,
         mut args: ScalarFunctionArgs,
     ) -> datafusion::error::Result<ColumnarValue> {
-        let zone = match args.args.get(1) {
+        let utc = match args.args.get(1) {
             Some(ColumnarValue::Array(a)) => match a.data_type() {
-                DataType::Timestamp(unit, Some(tz)) if is_utc(tz) => Some((*unit, Arc::clone(tz))),
+                DataType::Timestamp(unit, Some(tz)) if is_utc(tz) => {
+                    Some((with_zone(a, None), *unit, Arc::clone(tz)))
+                }
                 _ => None,
             },
             _ => None,
         };
-        let Some((unit, tz)) = zone else {
+        let Some((naive_array, unit, tz)) = utc else {
             return self.inner.invoke_with_args(args);
         };
-        if let ColumnarValue::Array(a) = &args.args[1] {
-            args.args[1] = ColumnarValue::Array(with_zone(a, None));
-        }
+        args.args[1] = ColumnarValue::Array(naive_array);
         let naive = DataType::Timestamp(unit, None);
         args.arg_fields[1] =
             Arc::new(args.arg_fields[1].as_ref().clone().with_data_type(naive.clone()));

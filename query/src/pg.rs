@@ -705,20 +705,10 @@ impl pgwire::api::stmt::QueryParser for ScopedParser {
             .parse_sql(client, sql, types)
             .await?;
         // Text parameters arrive as plain strings (see `text_placeholders`).
-        parsed
-            .map(|(sql, planned)| {
-                let planned = planned
-                    .map(|(statement, plan)| {
-                        Ok::<_, datafusion::error::DataFusionError>((
-                            statement,
-                            crate::engine::text_placeholders(plan)?,
-                        ))
-                    })
-                    .transpose()?;
-                Ok((sql, planned))
-            })
-            .transpose()
-            .map_err(|e: datafusion::error::DataFusionError| PgWireError::ApiError(Box::new(e)))
+        let Some((sql, Some((statement, plan)))) = parsed else { return Ok(parsed) };
+        let plan = crate::engine::text_placeholders(plan)
+            .map_err(|e| PgWireError::ApiError(Box::new(e)))?;
+        Ok(Some((sql, Some((statement, plan)))))
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<pgwire::api::Type>> {

@@ -55,42 +55,27 @@ pub fn query_schema() -> SchemaRef {
     Arc::clone(&SCHEMA)
 }
 
+/// `batch` with each column cast to the type of the same column of `schema` (same columns,
+/// in order; only their types differ, e.g. `Utf8` and `Utf8View`).
+pub(crate) fn cast_to(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema_ref().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| cast(c, f.data_type()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let rows = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(Arc::clone(schema), columns, &rows)?)
+}
+
 /// Casts batches of [`query_schema`] rows (the result of a query over the whole table) back to
 /// the stored schema, for rewriting files.
 pub fn to_stored(batches: &[RecordBatch]) -> Result<Vec<RecordBatch>> {
     let schema = spans_schema();
-    batches
-        .iter()
-        .map(|b| {
-            let columns = schema
-                .fields()
-                .iter()
-                .zip(b.columns())
-                .map(|(f, c)| cast(c, f.data_type()))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok(RecordBatch::try_new(Arc::clone(&schema), columns)?)
-        })
-        .collect()
-}
-
-/// Memory batches (stored schema) as `projection` of [`query_schema`].
-fn to_query(batch: &RecordBatch, projection: Option<&Vec<usize>>) -> Result<RecordBatch> {
-    let all: Vec<usize>;
-    let indices = match projection {
-        Some(p) => p,
-        None => {
-            all = (0..batch.num_columns()).collect();
-            &all
-        }
-    };
-    let schema = Arc::new(query_schema().project(indices)?);
-    let columns = indices
-        .iter()
-        .zip(schema.fields())
-        .map(|(i, f)| cast(batch.column(*i), f.data_type()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let rows = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-    Ok(RecordBatch::try_new_with_options(schema, columns, &rows)?)
+    batches.iter().map(|b| cast_to(b, &schema)).collect()
 }
 
 /// `spans`: the Parquet files and the unflushed memory batches of a [`SpanStore`], for one
@@ -192,15 +177,19 @@ impl TableProvider for SpansTable {
             plans.push(DataSourceExec::from_data_source(config));
         }
         if !snapshot.batches.is_empty() {
-            let batches = snapshot
-                .batches
-                .iter()
-                .map(|b| to_query(&b.batch, projection))
-                .collect::<Result<Vec<_>>>()?;
+            // Memory batches have the stored types: projected, then cast to the table's.
             let schema = match projection {
                 Some(p) => Arc::new(self.schema.project(p)?),
                 None => Arc::clone(&self.schema),
             };
+            let batches = snapshot
+                .batches
+                .iter()
+                .map(|b| match projection {
+                    Some(p) => cast_to(&b.batch.project(p)?, &schema),
+                    None => cast_to(&b.batch, &schema),
+                })
+                .collect::<Result<Vec<_>>>()?;
             plans.push(MemorySourceConfig::try_new_exec(&[batches], schema, None)?);
         }
         match plans.len() {
