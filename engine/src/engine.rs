@@ -37,7 +37,7 @@ use crate::schema::spans_schema;
 use crate::store::{MemBatch, SpanStore};
 use crate::trace_index::{self, TraceFilter};
 use crate::wal::{self, Committed, Durability, Wal, WalConfig};
-use crate::writer::{EncodedFile, WriterConfig, encode_file, split_by_partition};
+use crate::writer::{EncodedFile, WriterConfig, encode_partitions};
 
 /// Settings of the storage engine.
 #[derive(Debug, Clone)]
@@ -398,7 +398,7 @@ impl Engine {
     ///
     /// The memory table is written in slices of about `flush_max_bytes` in LSN order, each its
     /// own commit: a flush that fell behind does not copy the whole memory table at once (a
-    /// slice is concatenated and sorted, which takes two more copies of it).
+    /// slice is gathered in sorted order into a copy of it).
     pub async fn flush(&self) -> Result<u64> {
         let _guard = self.flush_lock.lock().await;
         let Some(target) = self.store.batches().iter().map(|b| b.lsn).max() else { return Ok(0) };
@@ -430,11 +430,8 @@ impl Engine {
         let started = Instant::now();
         let Some(max_lsn) = batches.iter().map(|b| b.lsn).max() else { return Ok(0) };
         let writer = self.config.writer.clone();
-        let encoded = on_cpu(move || -> Result<Vec<_>> {
-            split_by_partition(batches.iter().map(|b| (&b.project, &b.batch)))?
-                .into_iter()
-                .map(|((project, hour), parts)| encode_file(&project, hour, &parts, 0, &writer))
-                .collect()
+        let encoded = on_cpu(move || {
+            encode_partitions(batches.iter().map(|b| (&b.project, &b.batch)), 0, &writer)
         })
         .await??;
 

@@ -9,9 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::array::{
+    Array, ArrayData, AsArray, Capacities, MutableArrayData, RecordBatch, UInt32Array, make_array,
+};
+use arrow::compute::{
+    SortColumn, concat_batches, interleave_record_batch, lexsort_to_indices, take_record_batch,
+};
 use arrow::datatypes::TimestampNanosecondType;
+use arrow::error::ArrowError;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -69,28 +74,40 @@ pub struct EncodedFile {
 /// The partition key of a file: project and hour.
 pub type PartitionKey = (Arc<str>, HourPartition);
 
-/// Splits batches by project and hour partition of `start_time`.
-pub fn split_by_partition<'a>(
+/// Encodes rows of any projects and hours as one sorted file per (project, hour partition of
+/// `start_time`), dropping exact repeats of a span (see [`sort_for_storage`]).
+pub fn encode_partitions<'a>(
     batches: impl IntoIterator<Item = (&'a Arc<str>, &'a RecordBatch)>,
-) -> Result<BTreeMap<PartitionKey, Vec<RecordBatch>>> {
-    let mut out: BTreeMap<PartitionKey, Vec<RecordBatch>> = BTreeMap::new();
+    level: u8,
+    config: &WriterConfig,
+) -> Result<Vec<EncodedFile>> {
+    let mut by_project: BTreeMap<&Arc<str>, Vec<&RecordBatch>> = BTreeMap::new();
     for (project, batch) in batches {
-        let times = start_times(batch);
-        let first = times.first().map(|t| HourPartition::of_ns(*t));
-        if let Some(p) = first
-            && times.iter().all(|t| HourPartition::of_ns(*t) == p)
-        {
-            out.entry((Arc::clone(project), p)).or_default().push(batch.clone());
-            continue;
+        by_project.entry(project).or_default().push(batch);
+    }
+    let mut files = Vec::new();
+    for (project, batches) in by_project {
+        for (partition, batch, duplicates) in sort_by_partition(&batches)? {
+            let mut file = encode_sorted(project, partition, &batch, level, config)?;
+            file.duplicates = duplicates;
+            files.push(file);
         }
+    }
+    Ok(files)
+}
+
+/// Rows grouped by hour partition of `start_time`, for ids of any length.
+fn split_hours(batches: &[&RecordBatch]) -> Result<BTreeMap<HourPartition, Vec<RecordBatch>>> {
+    let mut out: BTreeMap<HourPartition, Vec<RecordBatch>> = BTreeMap::new();
+    for batch in batches {
         let mut groups: BTreeMap<HourPartition, Vec<u32>> = BTreeMap::new();
-        for (i, t) in times.iter().enumerate() {
+        for (i, t) in start_times(batch).iter().enumerate() {
             groups.entry(HourPartition::of_ns(*t)).or_default().push(i as u32);
         }
         for (p, idx) in groups {
             let taken = take_record_batch(batch, &UInt32Array::from(idx))
                 .map_err(|source| Error::Arrow { source })?;
-            out.entry((Arc::clone(project), p)).or_default().push(taken);
+            out.entry(p).or_default().push(taken);
         }
     }
     Ok(out)
@@ -106,7 +123,150 @@ fn start_times(batch: &RecordBatch) -> &[i64] {
 /// Sorts `batches` by `(trace_id, start_time, span_id)` into one batch, dropping exact
 /// repeats of a span (same trace id, span id and start time: a client that re-sent a request
 /// whose acknowledgement it lost). Returns the batch and how many repeats were dropped.
+/// Compaction calls it with the rows of one partition.
 pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)> {
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    let parts = sort_by_partition(&refs)?;
+    let dropped = parts.iter().map(|(_, _, d)| d).sum();
+    let sorted: Vec<RecordBatch> = parts.into_iter().map(|(_, b, _)| b).collect();
+    let batch = match <[_; 1]>::try_from(sorted) {
+        Ok([one]) => one,
+        Err(many) => {
+            concat_batches(&spans_schema(), &many).map_err(|source| Error::Arrow { source })?
+        }
+    };
+    Ok((batch, dropped))
+}
+
+/// One sorted batch per hour partition of `start_time` (in partition order), each sorted by
+/// `(trace_id, start_time, span_id)` without exact repeats of a span, and how many repeats were
+/// dropped from it. One copy of the rows: they are gathered straight into their place.
+fn sort_by_partition(batches: &[&RecordBatch]) -> Result<Vec<(HourPartition, RecordBatch, usize)>> {
+    let arrow_err = |source| Error::Arrow { source };
+    let Some(mut keys) = row_keys(batches) else {
+        return split_hours(batches)?
+            .into_iter()
+            .map(|(partition, parts)| {
+                let (batch, dropped) = sort_by_columns(&parts)?;
+                Ok((partition, batch, dropped))
+            })
+            .collect();
+    };
+    // `at` breaks ties, so the first copy of a repeated span received is the one kept.
+    keys.sort_unstable();
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < keys.len() {
+        let hour = keys[first].hour;
+        let end = first + keys[first..].partition_point(|k| k.hour == hour);
+        let run = &keys[first..end];
+        let order: Vec<(usize, usize)> = run
+            .iter()
+            .enumerate()
+            .filter(|(i, k)| *i == 0 || !k.same_span(&run[i - 1]))
+            .map(|(_, k)| (k.at.0 as usize, k.at.1 as usize))
+            .collect();
+        let batch = gather(batches, &order).map_err(arrow_err)?;
+        out.push((HourPartition { epoch_hour: hour }, batch, run.len() - order.len()));
+        first = end;
+    }
+    Ok(out)
+}
+
+/// The rows at `order` ((batch, row) pairs) as one batch of the spans schema. Requests usually
+/// carry whole traces, so the sorted order is mostly runs of neighbouring rows of one batch;
+/// those are copied a run at a time (far fewer scattered reads than row by row).
+fn gather(batches: &[&RecordBatch], order: &[(usize, usize)]) -> Result<RecordBatch, ArrowError> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (batch, first row, end row)
+    for &(b, row) in order {
+        match runs.last_mut() {
+            Some((rb, _, end)) if *rb == b && *end == row => *end += 1,
+            _ => runs.push((b, row, row + 1)),
+        }
+    }
+    if runs.len() * 2 > order.len() {
+        let gathered = interleave_record_batch(batches, order)?;
+        return RecordBatch::try_new(spans_schema(), gathered.columns().to_vec());
+    }
+    let columns = (0..spans_schema().fields().len())
+        .map(|i| {
+            let sources: Vec<ArrayData> = batches.iter().map(|b| b.column(i).to_data()).collect();
+            // Text columns get their exact size up front (growing by doubling copies it again).
+            let capacity = match batches[0].column(i).as_string_opt::<i32>() {
+                Some(_) => {
+                    let text = |b: usize, first: usize, end: usize| {
+                        let offsets = batches[b].column(i).as_string::<i32>().value_offsets();
+                        (offsets[end] - offsets[first]) as usize
+                    };
+                    let bytes = runs.iter().map(|&(b, first, end)| text(b, first, end)).sum();
+                    Capacities::Binary(order.len(), Some(bytes))
+                }
+                None => Capacities::Array(order.len()),
+            };
+            let mut out =
+                MutableArrayData::with_capacities(sources.iter().collect(), false, capacity);
+            for &(b, first, end) in &runs {
+                out.try_extend(b, first, end)?;
+            }
+            Ok(make_array(out.freeze()))
+        })
+        .collect::<Result<_, ArrowError>>()?;
+    RecordBatch::try_new(spans_schema(), columns)
+}
+
+/// The sort key of one row: ids as written by [`crate::batch::SpanBatchBuilder`] (lowercase hex of
+/// 16- and 8-byte ids), read as big-endian integers, which order as the strings do.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RowKey {
+    hour: i64,
+    trace: (u128, u128),
+    start: i64,
+    span: u128,
+    /// (batch, row) the row comes from.
+    at: (u32, u32),
+}
+
+impl RowKey {
+    fn same_span(&self, other: &Self) -> bool {
+        (self.trace, self.start, self.span) == (other.trace, other.start, other.span)
+    }
+}
+
+/// The sort keys of every row, or `None` if an id is not of the usual length (the rows are then
+/// sorted by comparing the columns).
+fn row_keys(batches: &[&RecordBatch]) -> Option<Vec<RowKey>> {
+    fn be(bytes: &[u8]) -> u128 {
+        let mut word = [0u8; 16];
+        word[16 - bytes.len()..].copy_from_slice(bytes);
+        u128::from_be_bytes(word)
+    }
+    let mut keys = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
+    for (b, batch) in batches.iter().enumerate() {
+        let traces = batch.column_by_name(col::TRACE_ID)?.as_string_opt::<i32>()?;
+        let spans = batch.column_by_name(col::SPAN_ID)?.as_string_opt::<i32>()?;
+        let starts = start_times(batch);
+        if starts.len() != batch.num_rows() {
+            return None;
+        }
+        for (row, &start) in starts.iter().enumerate() {
+            let (trace, span) = (traces.value(row).as_bytes(), spans.value(row).as_bytes());
+            if trace.len() != 32 || span.len() != 16 || traces.is_null(row) || spans.is_null(row) {
+                return None;
+            }
+            keys.push(RowKey {
+                hour: HourPartition::of_ns(start).epoch_hour,
+                trace: (be(&trace[..16]), be(&trace[16..])),
+                start,
+                span: be(span),
+                at: (b as u32, row as u32),
+            });
+        }
+    }
+    Some(keys)
+}
+
+/// [`sort_for_storage`] for ids of any length.
+fn sort_by_columns(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)> {
     let arrow_err = |source| Error::Arrow { source };
     let batch = concat_batches(&spans_schema(), batches).map_err(arrow_err)?;
     let column = |name: &str| Arc::clone(batch.column_by_name(name).expect("spans schema column"));
@@ -285,6 +445,112 @@ mod tests {
     use crate::batch::SpanBatchBuilder;
     use crate::record::SpanRecord;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    #[test]
+    fn key_sort_orders_and_drops_repeats_as_the_column_sort_does() {
+        // Three batches; the third repeats every fifth span of the first (a re-sent request).
+        let hour_ns = 1_800_000 * 3_600_000_000_000i64;
+        let batch = |seed: u32, step: u32| {
+            let mut b = SpanBatchBuilder::with_capacity(200);
+            for i in (0..200u32).step_by(step as usize) {
+                let x = (i + seed).wrapping_mul(0x9e37_79b9);
+                let mut trace_id = [0u8; 16];
+                trace_id[0] = (x >> 29) as u8 & 3; // few traces, ids differing in either half
+                trace_id[15] = (x >> 27) as u8 & 1;
+                b.append(&SpanRecord {
+                    trace_id,
+                    span_id: u64::from(x).to_be_bytes(),
+                    name: "step",
+                    start_time_ns: hour_ns + i64::from(x % 50) * 1_000,
+                    end_time_ns: hour_ns + 99_000,
+                    attributes: "{}",
+                    ..Default::default()
+                });
+            }
+            b.finish().unwrap()
+        };
+        let batches = [batch(0, 1), batch(1_000, 1), batch(0, 5)];
+        let refs: Vec<&RecordBatch> = batches.iter().collect();
+        assert!(row_keys(&refs).is_some(), "ids of the usual length take the key sort");
+        let (by_key, dropped) = sort_for_storage(&batches).unwrap();
+        let (by_columns, dropped_by_columns) = sort_by_columns(&batches).unwrap();
+        assert_eq!(dropped, 40);
+        assert_eq!(dropped, dropped_by_columns);
+        assert_eq!(by_key.num_rows(), 400);
+        assert_eq!(by_key, by_columns);
+
+        // Requests of whole traces, which the sorted order takes a run of rows at a time.
+        let traces = |first_trace: u8| {
+            let mut b = SpanBatchBuilder::with_capacity(100);
+            for i in 0..100u8 {
+                let trace = first_trace + i / 10;
+                b.append(&SpanRecord {
+                    trace_id: [trace.wrapping_mul(37); 16],
+                    span_id: [trace, i % 10, 0, 0, 0, 0, 0, 1],
+                    parent_span_id: (i % 10 != 0).then_some([trace, 0, 0, 0, 0, 0, 0, 1]),
+                    name: "step",
+                    start_time_ns: hour_ns + i64::from(i % 10) * 1_000,
+                    end_time_ns: hour_ns + 99_000,
+                    attributes: if i % 10 < 3 { "{}" } else { r#"{"k":1}"# },
+                    ..Default::default()
+                });
+            }
+            b.finish().unwrap()
+        };
+        let batches = [traces(0), traces(10), traces(5)];
+        let (by_key, dropped) = sort_for_storage(&batches).unwrap();
+        assert_eq!((by_key.num_rows(), dropped), (200, 100));
+        assert_eq!((by_key, dropped), sort_by_columns(&batches).unwrap());
+    }
+
+    #[test]
+    fn flushed_rows_go_to_one_sorted_file_per_project_and_hour() {
+        let hour_ns = 1_800_000 * 3_600_000_000_000i64;
+        // Span i starts in hour i % 2; its trace id falls as i rises.
+        let batch = |spans: std::ops::Range<u8>| {
+            let mut b = SpanBatchBuilder::with_capacity(spans.len());
+            for i in spans {
+                b.append(&SpanRecord {
+                    trace_id: [100 - i; 16],
+                    span_id: [i; 8],
+                    name: "step",
+                    start_time_ns: hour_ns + i64::from(i % 2) * 3_600_000_000_000 + 5,
+                    end_time_ns: hour_ns + 2 * 3_600_000_000_000,
+                    attributes: "{}",
+                    ..Default::default()
+                });
+            }
+            b.finish().unwrap()
+        };
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let (first, resent, other) = (batch(0..10), batch(6..10), batch(0..3));
+        let files = encode_partitions(
+            [(&b, &other), (&a, &first), (&a, &resent)],
+            0,
+            &WriterConfig::default(),
+        )
+        .unwrap();
+        let summary: Vec<_> = files
+            .iter()
+            .map(|f| {
+                let reader = ParquetRecordBatchReaderBuilder::try_new(f.bytes.clone()).unwrap();
+                let rows = reader.build().unwrap().next().unwrap().unwrap();
+                let ids = rows.column_by_name(col::SPAN_ID).unwrap().as_string::<i32>();
+                let ids: Vec<&str> = ids.iter().flatten().map(|s| &s[..2]).collect();
+                let dir: Vec<&str> = f.meta.path.split('/').collect();
+                format!("{} {}: {} ({} repeats)", dir[1], dir[3], ids.join(" "), f.duplicates)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "project=a hour=00: 08 06 04 02 00 (2 repeats)",
+                "project=a hour=01: 09 07 05 03 01 (2 repeats)",
+                "project=b hour=00: 02 00 (0 repeats)",
+                "project=b hour=01: 01 (0 repeats)",
+            ]
+        );
+    }
 
     #[test]
     fn files_use_the_chosen_encodings_and_read_back_unchanged() {

@@ -23,7 +23,7 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use spanlake_engine::catalog::Change;
 use spanlake_engine::pricing::PriceTable;
 use spanlake_engine::store::{MemBatch, SpanStore};
-use spanlake_engine::writer::{WriterConfig, encode_file, split_by_partition};
+use spanlake_engine::writer::{WriterConfig, encode_partitions};
 use spanlake_ingest::normalize::{NormalizeContext, normalize};
 use spanlake_query::{QueryConfig, QueryEngine};
 use sqllogictest::{DBOutput, DefaultColumnType};
@@ -48,11 +48,10 @@ async fn fixture_store() -> Arc<SpanStore> {
         let req = spanlake_proto::decode_protobuf(&std::fs::read(path).unwrap()).unwrap();
         let batch = normalize(&req, &NormalizeContext::default()).unwrap().batch;
         if i < half {
-            let parts = split_by_partition([(&project, &batch)]).unwrap();
+            let files =
+                encode_partitions([(&project, &batch)], 0, &WriterConfig::default()).unwrap();
             let mut change = Change::default();
-            for ((project, hour), batches) in parts {
-                let file =
-                    encode_file(&project, hour, &batches, 0, &WriterConfig::default()).unwrap();
+            for file in files {
                 let p = object_store::path::Path::from(file.meta.path.as_str());
                 object_store.put(&p, PutPayload::from_bytes(file.bytes)).await.unwrap();
                 change.add.push(file.meta);
