@@ -97,10 +97,13 @@ fn traces(first: u64, n: u64, spans_per_trace: u64, hour_start: i64, user: &str)
     out
 }
 
-fn config_file(dir: &Path, extra: &str) -> String {
+/// A configuration that flushes and compacts at once and deletes replaced files after
+/// `file_delete_delay` (a query planned before a compaction commit reads the files it replaced
+/// for that long).
+fn config_file(dir: &Path, file_delete_delay: &str, extra: &str) -> String {
     let path = dir.join("spanlake.toml");
     let text = format!(
-        "version = 1\n[storage]\nflush_max_age = \"100ms\"\nfile_delete_delay = \"0s\"\n\
+        "version = 1\n[storage]\nflush_max_age = \"100ms\"\nfile_delete_delay = \"{file_delete_delay}\"\n\
          orphan_grace = \"1s\"\n{extra}\n[compaction]\ninterval = \"300ms\"\nmin_files = 3\n"
     );
     std::fs::write(&path, text).unwrap();
@@ -120,7 +123,7 @@ fn trace_json(server: &TestServer, id: &str) -> (u16, Value) {
 /// The whole life of data at one location.
 fn lifecycle(location: &str, env: Vec<(String, String)>) {
     let tmp = tempfile::tempdir().unwrap();
-    let config = config_file(tmp.path(), "retention = \"72h\"");
+    let config = config_file(tmp.path(), "0s", "retention = \"72h\"");
     let mut env = env;
     env.push(("SPANLAKE_CONFIG".into(), config));
     let options = ServerOptions {
@@ -319,7 +322,7 @@ fn reads(server: &TestServer, f: impl FnOnce()) -> (f64, f64) {
 #[test]
 fn lookups_read_a_bounded_number_of_objects() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = config_file(tmp.path(), "");
+    let config = config_file(tmp.path(), "0s", "");
     let mut server = TestServer::start_with(ServerOptions {
         env: vec![("SPANLAKE_CONFIG".into(), config)],
         ..Default::default()
@@ -402,7 +405,7 @@ fn crashes_at_every_commit_step_lose_nothing() {
         "delete_after_commit",
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let config = config_file(tmp.path(), "");
+        let config = config_file(tmp.path(), "0s", "");
         let location = tmp.path().join("lake");
         let mut server = TestServer::start_with(ServerOptions {
             args: vec![
