@@ -192,13 +192,16 @@ fn gather(batches: &[&RecordBatch], order: &[(usize, usize)]) -> Result<RecordBa
         .map(|i| {
             let sources: Vec<ArrayData> = batches.iter().map(|b| b.column(i).to_data()).collect();
             // Text columns get their exact size up front (growing by doubling copies it again).
-            let capacity = match batches[0].column(i).as_string_opt::<i32>() {
-                Some(_) => {
-                    let text = |b: usize, first: usize, end: usize| {
-                        let offsets = batches[b].column(i).as_string::<i32>().value_offsets();
-                        (offsets[end] - offsets[first]) as usize
-                    };
-                    let bytes = runs.iter().map(|&(b, first, end)| text(b, first, end)).sum();
+            let text: Option<Vec<&[i32]>> = batches
+                .iter()
+                .map(|b| b.column(i).as_string_opt::<i32>().map(|s| s.value_offsets()))
+                .collect();
+            let capacity = match text {
+                Some(offsets) => {
+                    let bytes = runs
+                        .iter()
+                        .map(|&(b, first, end)| (offsets[b][end] - offsets[b][first]) as usize)
+                        .sum();
                     Capacities::Binary(order.len(), Some(bytes))
                 }
                 None => Capacities::Array(order.len()),
