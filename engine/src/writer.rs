@@ -71,9 +71,6 @@ pub struct EncodedFile {
     pub trace_filter: TraceFilter,
 }
 
-/// The partition key of a file: project and hour.
-pub type PartitionKey = (Arc<str>, HourPartition);
-
 /// Encodes rows of any projects and hours as one sorted file per (project, hour partition of
 /// `start_time`), dropping exact repeats of a span (see [`sort_for_storage`]).
 pub fn encode_partitions<'a>(
