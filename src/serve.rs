@@ -261,7 +261,6 @@ pub async fn serve(
     let grpc = {
         let mut stop = stop_rx.clone();
         let incoming = tokio_stream_listener(grpc_listener);
-        let max = config.request_limits().max_decompressed_bytes;
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = grpc_tls {
             builder = builder.tls_config(tls).context("TLS configuration of the gRPC listener")?;
@@ -269,7 +268,7 @@ pub async fn serve(
         task::spawn(async move {
             builder
                 .add_service(tonic::service::interceptor::InterceptedService::new(
-                    spanlake_ingest::grpc::trace_server(ingest).max_decoding_message_size(max),
+                    spanlake_ingest::grpc::trace_server(ingest),
                     crate::auth::grpc_interceptor(grpc_keys),
                 ))
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -1,6 +1,6 @@
 //! Throughput of each pipeline stage on generated agent traces, next to raw `prost` decode of
-//! the same bytes: OTLP decode + normalisation into Arrow, Parquet encoding, WAL record encoding
-//! and framing.
+//! the same bytes: OTLP decode in place, decode + normalisation into Arrow, Parquet encoding,
+//! WAL record encoding and framing.
 //!
 //! `cargo bench -p spanlake-benches --bench pipeline`
 
@@ -12,7 +12,7 @@ use spanlake_benches::{Generator, Mix};
 use spanlake_engine::layout::HourPartition;
 use spanlake_engine::wal::format::{encode_payload, frame_record};
 use spanlake_engine::writer::{WriterConfig, encode_file};
-use spanlake_ingest::normalize::{NormalizeContext, normalize};
+use spanlake_ingest::normalize::{NormalizeContext, normalize_request};
 use spanlake_proto::collector::ExportTraceServiceRequest;
 
 fn payload(mix: Mix) -> (Vec<u8>, u64) {
@@ -32,16 +32,19 @@ fn stages(c: &mut Criterion) {
         g.bench_function("prost_only", |b| {
             b.iter(|| ExportTraceServiceRequest::decode(black_box(&bytes[..])).unwrap())
         });
+        g.bench_function("decode_in_place_only", |b| {
+            b.iter(|| spanlake_proto::decode_view(black_box(&bytes[..])).unwrap())
+        });
         g.bench_function("decode_and_normalize_to_arrow", |b| {
             b.iter(|| {
-                let req = ExportTraceServiceRequest::decode(black_box(&bytes[..])).unwrap();
-                normalize(&req, &ctx).unwrap()
+                let req = spanlake_proto::decode_view(black_box(&bytes[..])).unwrap();
+                normalize_request(&req, &ctx).unwrap()
             })
         });
         g.finish();
 
         let batch =
-            normalize(&ExportTraceServiceRequest::decode(&bytes[..]).unwrap(), &ctx).unwrap().batch;
+            normalize_request(&spanlake_proto::decode_view(&bytes).unwrap(), &ctx).unwrap().batch;
         // Size beside speed: the same batch as a flush writes it and as compaction rewrites it.
         for (what, level) in [("flush", 0), ("compacted", 1)] {
             let file = encode_file(

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 
 use base64::Engine as _;
-use spanlake_proto::common::{AnyValue, KeyValue, any_value};
+use spanlake_proto::view::{AnyValue, KeyValue};
 
 use crate::limits::SpanLimits;
 
@@ -139,11 +139,11 @@ impl<'l> JsonWriter<'l> {
     }
 
     /// Appends an attribute list as a JSON object (at most `max_attributes` entries).
-    pub fn attributes(&mut self, out: &mut String, list: &[KeyValue]) {
+    pub fn attributes(&mut self, out: &mut String, list: &[KeyValue<'_>]) {
         self.object(out, list, 0);
     }
 
-    fn object(&mut self, out: &mut String, list: &[KeyValue], depth: usize) {
+    fn object(&mut self, out: &mut String, list: &[KeyValue<'_>], depth: usize) {
         out.push('{');
         let max = self.limits.max_attributes;
         for (i, kv) in list.iter().enumerate() {
@@ -154,20 +154,16 @@ impl<'l> JsonWriter<'l> {
             if i > 0 {
                 out.push(',');
             }
-            write_str(out, &kv.key);
+            write_str(out, kv.key);
             out.push(':');
-            match &kv.value {
-                Some(v) => self.value(out, v, depth + 1),
-                None => out.push_str("null"),
-            }
+            self.value(out, &kv.value, depth + 1);
         }
         out.push('}');
     }
 
     /// Appends one value.
-    pub fn value(&mut self, out: &mut String, v: &AnyValue, depth: usize) {
-        use any_value::Value as V;
-        let nested = matches!(v.value, Some(V::ArrayValue(_) | V::KvlistValue(_)));
+    pub fn value(&mut self, out: &mut String, v: &AnyValue<'_>, depth: usize) {
+        let nested = matches!(v, AnyValue::Array(_) | AnyValue::Kvlist(_));
         if nested && depth > self.limits.max_depth {
             self.cuts.too_deep += 1;
             out.push_str("\"[nesting deeper than ");
@@ -175,21 +171,22 @@ impl<'l> JsonWriter<'l> {
             out.push_str(" levels]\"");
             return;
         }
-        match &v.value {
-            None => out.push_str("null"),
-            Some(V::StringValue(s)) => self.string(out, s),
-            Some(V::BoolValue(b)) => out.push_str(if *b { "true" } else { "false" }),
-            Some(V::IntValue(i)) => {
+        match v {
+            // Also a string-table index, which is only meaningful in profiles.
+            AnyValue::Empty => out.push_str("null"),
+            AnyValue::String(s) => self.string(out, s),
+            AnyValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            AnyValue::Int(i) => {
                 let _ = write!(out, "{i}");
             }
-            Some(V::DoubleValue(d)) => write_f64(out, *d),
-            Some(V::BytesValue(b)) => {
+            AnyValue::Double(d) => write_f64(out, *d),
+            AnyValue::Bytes(b) => {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(b);
                 self.string(out, &encoded);
             }
-            Some(V::ArrayValue(a)) => {
+            AnyValue::Array(items) => {
                 out.push('[');
-                for (i, item) in a.values.iter().enumerate() {
+                for (i, item) in items.iter().enumerate() {
                     if i > 0 {
                         out.push(',');
                     }
@@ -197,9 +194,7 @@ impl<'l> JsonWriter<'l> {
                 }
                 out.push(']');
             }
-            Some(V::KvlistValue(kv)) => self.object(out, &kv.values, depth),
-            // A string-table index is only meaningful in profiles, never in traces.
-            Some(V::StringValueStrindex(_)) => out.push_str("null"),
+            AnyValue::Kvlist(list) => self.object(out, list, depth),
         }
     }
 }
@@ -221,33 +216,24 @@ pub fn write_f64(out: &mut String, d: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spanlake_proto::common::{ArrayValue, KeyValueList};
 
-    fn kv(key: &str, v: any_value::Value) -> KeyValue {
-        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
+    fn kv<'a>(key: &'a str, value: AnyValue<'a>) -> KeyValue<'a> {
+        KeyValue { key, value }
     }
 
     #[test]
     fn values_keep_their_types() {
-        use any_value::Value as V;
+        use AnyValue as V;
         let attrs = vec![
-            kv("s", V::StringValue("x\"\n\u{1}é".into())),
-            kv("i", V::IntValue(-3)),
-            kv("d", V::DoubleValue(1.5)),
-            kv("w", V::DoubleValue(2.0)),
-            kv("b", V::BoolValue(true)),
-            kv("bytes", V::BytesValue(vec![1, 2, 3])),
-            kv("nan", V::DoubleValue(f64::NAN)),
-            kv(
-                "a",
-                V::ArrayValue(ArrayValue {
-                    values: vec![AnyValue { value: Some(V::IntValue(1)) }],
-                }),
-            ),
-            kv(
-                "kv",
-                V::KvlistValue(KeyValueList { values: vec![kv("k", V::StringValue("v".into()))] }),
-            ),
+            kv("s", V::String("x\"\n\u{1}é")),
+            kv("i", V::Int(-3)),
+            kv("d", V::Double(1.5)),
+            kv("w", V::Double(2.0)),
+            kv("b", V::Bool(true)),
+            kv("bytes", V::Bytes(&[1, 2, 3])),
+            kv("nan", V::Double(f64::NAN)),
+            kv("a", V::Array(vec![V::Int(1)])),
+            kv("kv", V::Kvlist(vec![kv("k", V::String("v"))])),
         ];
         let limits = SpanLimits::default();
         let mut w = JsonWriter::new(&limits);
@@ -300,21 +286,15 @@ mod tests {
 
     #[test]
     fn limits_cut_and_count() {
-        use any_value::Value as V;
+        use AnyValue as V;
         let limits = SpanLimits {
             max_attributes: 2,
             max_value_bytes: 5,
             max_depth: 1,
             ..SpanLimits::default()
         };
-        let deep = V::ArrayValue(ArrayValue {
-            values: vec![AnyValue { value: Some(V::ArrayValue(ArrayValue { values: vec![] })) }],
-        });
-        let attrs = vec![
-            kv("long", V::StringValue("ééééé".into())),
-            kv("deep", deep),
-            kv("gone", V::IntValue(1)),
-        ];
+        let deep = V::Array(vec![V::Array(vec![])]);
+        let attrs = vec![kv("long", V::String("ééééé")), kv("deep", deep), kv("gone", V::Int(1))];
         let mut w = JsonWriter::new(&limits);
         let mut out = String::new();
         w.attributes(&mut out, &attrs);

@@ -49,8 +49,7 @@ use spanlake_engine::batch::{SpanBatchBuilder, TextCapacity};
 use spanlake_engine::pricing::PriceTable;
 use spanlake_engine::record::{SpanRecord, kind, span_type, status};
 use spanlake_proto::collector::ExportTraceServiceRequest;
-use spanlake_proto::common::{AnyValue, KeyValue, any_value};
-use spanlake_proto::trace::Span;
+use spanlake_proto::view::{AnyValue, ExportRequest, KeyValue, Span};
 
 use crate::json::{Cuts, JsonWriter, truncate, write_str};
 use crate::limits::SpanLimits;
@@ -211,8 +210,8 @@ known_keys! {
 
 /// The known attributes of one span, found in one pass.
 struct Attrs<'a> {
-    slots: [Option<&'a AnyValue>; KEY_COUNT],
-    list: &'a [KeyValue],
+    slots: [Option<&'a AnyValue<'a>>; KEY_COUNT],
+    list: &'a [KeyValue<'a>],
     oi_input_messages: bool,
     oi_output_messages: bool,
     tl_prompts: bool,
@@ -221,7 +220,7 @@ struct Attrs<'a> {
 }
 
 impl<'a> Attrs<'a> {
-    fn new(list: &'a [KeyValue]) -> Self {
+    fn new(list: &'a [KeyValue<'a>]) -> Self {
         let mut a = Self {
             slots: [None; KEY_COUNT],
             list,
@@ -232,10 +231,10 @@ impl<'a> Attrs<'a> {
             retrieval_documents: false,
         };
         for kv in list {
-            let key = kv.key.as_str();
+            let key = kv.key;
             if let Some(k) = key_index(key) {
-                if let Some(v) = &kv.value {
-                    a.slots[k as usize] = Some(v);
+                if kv.value != AnyValue::Empty {
+                    a.slots[k as usize] = Some(&kv.value);
                 }
                 continue;
             }
@@ -254,7 +253,7 @@ impl<'a> Attrs<'a> {
         a
     }
 
-    fn get(&self, k: K) -> Option<&'a AnyValue> {
+    fn get(&self, k: K) -> Option<&'a AnyValue<'a>> {
         self.slots[k as usize]
     }
 
@@ -275,27 +274,24 @@ impl<'a> Attrs<'a> {
     }
 }
 
-fn as_str(v: Option<&AnyValue>) -> Option<&str> {
-    match v?.value.as_ref()? {
-        any_value::Value::StringValue(s) => Some(s),
+fn as_str<'a>(v: Option<&AnyValue<'a>>) -> Option<&'a str> {
+    v?.as_str()
+}
+
+fn as_int(v: Option<&AnyValue<'_>>) -> Option<i64> {
+    match v? {
+        AnyValue::Int(i) => Some(*i),
+        AnyValue::Double(d) if d.fract() == 0.0 && d.is_finite() => Some(*d as i64),
+        AnyValue::String(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
 
-fn as_int(v: Option<&AnyValue>) -> Option<i64> {
-    match v?.value.as_ref()? {
-        any_value::Value::IntValue(i) => Some(*i),
-        any_value::Value::DoubleValue(d) if d.fract() == 0.0 && d.is_finite() => Some(*d as i64),
-        any_value::Value::StringValue(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-fn as_float(v: Option<&AnyValue>) -> Option<f64> {
-    match v?.value.as_ref()? {
-        any_value::Value::IntValue(i) => Some(*i as f64),
-        any_value::Value::DoubleValue(d) if d.is_finite() => Some(*d),
-        any_value::Value::StringValue(s) => s.trim().parse().ok(),
+fn as_float(v: Option<&AnyValue<'_>>) -> Option<f64> {
+    match v? {
+        AnyValue::Int(i) => Some(*i as f64),
+        AnyValue::Double(d) if d.is_finite() => Some(*d),
+        AnyValue::String(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
@@ -401,9 +397,21 @@ struct Scratch {
     links: String,
 }
 
-/// Normalises every span of a request into one batch.
+/// Normalises every span of a decoded `prost` request into one batch (the OTLP/JSON and
+/// redaction paths, and tests): the request is encoded again and read by [`normalize_request`],
+/// so that every path shares one reader.
 pub fn normalize(
     req: &ExportTraceServiceRequest,
+    ctx: &NormalizeContext,
+) -> crate::Result<Normalized> {
+    use prost::Message as _;
+    let bytes = req.encode_to_vec();
+    Ok(normalize_request(&spanlake_proto::decode_view(&bytes)?, ctx)?)
+}
+
+/// Normalises every span of a request into one batch.
+pub fn normalize_request(
+    req: &ExportRequest<'_>,
     ctx: &NormalizeContext,
 ) -> spanlake_engine::Result<Normalized> {
     let total: usize =
@@ -426,20 +434,20 @@ pub fn normalize(
     let mut seen: HashSet<([u8; 16], [u8; 8])> = HashSet::with_capacity(total.min(ctx.max_spans));
     let mut taken = 0usize;
     for rs in &req.resource_spans {
-        let resource_attrs = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+        let resource_attrs = rs.resource_attributes.as_slice();
         let service_name = resource_attrs
             .iter()
             .find(|kv| kv.key == "service.name")
-            .and_then(|kv| as_str(kv.value.as_ref()));
+            .and_then(|kv| kv.value.as_str());
         let mut resource_json = String::new();
         json.attributes(&mut resource_json, resource_attrs);
         for ss in &rs.scope_spans {
             let mut scope_json = String::from("{");
             if let Some(scope) = &ss.scope {
                 scope_json.push_str("\"name\":");
-                write_str(&mut scope_json, &scope.name);
+                write_str(&mut scope_json, scope.name);
                 scope_json.push_str(",\"version\":");
-                write_str(&mut scope_json, &scope.version);
+                write_str(&mut scope_json, scope.version);
                 scope_json.push_str(",\"attributes\":");
                 json.attributes(&mut scope_json, &scope.attributes);
             }
@@ -451,7 +459,7 @@ pub fn normalize(
                         out.errors.push(format!(
                             "span {:?} ({}): {reason}",
                             span.name,
-                            hex_lossy(&span.span_id)
+                            hex_lossy(span.span_id)
                         ));
                     }
                 };
@@ -462,7 +470,7 @@ pub fn normalize(
                     );
                     continue;
                 }
-                let ids = (id::<16>(&span.trace_id, "trace_id"), id::<8>(&span.span_id, "span_id"));
+                let ids = (id::<16>(span.trace_id, "trace_id"), id::<8>(span.span_id, "span_id"));
                 let (trace_id, span_id) = match ids {
                     (Ok(t), Ok(s)) => (t, s),
                     (Err(e), _) | (_, Err(e)) => {
@@ -470,7 +478,7 @@ pub fn normalize(
                         continue;
                     }
                 };
-                let parent_span_id = match span.parent_span_id.as_slice() {
+                let parent_span_id = match span.parent_span_id {
                     [] => None,
                     p if p.iter().all(|b| *b == 0) => None,
                     p => match id::<8>(p, "parent_span_id") {
@@ -526,10 +534,10 @@ pub fn normalize(
 /// Room the large text columns will need for a request, from the string values its spans carry
 /// (one cheap pass over the keys): everything for `attributes` (plus key and JSON punctuation,
 /// plus a little for escaping), prompt-like and completion-like keys for `input` and `output`.
-fn text_capacity(req: &ExportTraceServiceRequest) -> TextCapacity {
+fn text_capacity(req: &ExportRequest<'_>) -> TextCapacity {
     let mut c = TextCapacity::default();
-    let len = |v: &Option<AnyValue>| match v.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.len(),
+    let len = |v: &AnyValue<'_>| match v {
+        AnyValue::String(s) => s.len(),
         _ => 8,
     };
     for span in req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).flat_map(|ss| &ss.spans) {
@@ -537,7 +545,7 @@ fn text_capacity(req: &ExportTraceServiceRequest) -> TextCapacity {
             let n = len(&kv.value);
             c.attributes += kv.key.len() + n + n / 16 + 6;
             // The keys `input` and `output` are read from (see `append_span`).
-            let k = kv.key.as_str();
+            let k = kv.key;
             let known = key_index(k);
             if matches!(
                 known,
@@ -596,7 +604,7 @@ struct SpanFields {
 
 #[allow(clippy::too_many_arguments)]
 fn append_span(
-    span: &Span,
+    span: &Span<'_>,
     f: SpanFields,
     service_name: Option<&str>,
     resource_json: &str,
@@ -653,7 +661,7 @@ fn append_span(
         if traceloop_kind == Some("tool") {
             a.str(&[K::TL_ENTITY_NAME])
         } else if span_type == span_type::TOOL {
-            Some(span.name.as_str())
+            Some(span.name)
         } else {
             None
         }
@@ -662,7 +670,7 @@ fn append_span(
         if traceloop_kind == Some("agent") {
             a.str(&[K::TL_ENTITY_NAME])
         } else if span_type == span_type::AGENT {
-            Some(span.name.as_str())
+            Some(span.name)
         } else {
             None
         }
@@ -720,14 +728,14 @@ fn append_span(
         trace_id: f.trace_id,
         span_id: f.span_id,
         parent_span_id: f.parent_span_id,
-        trace_state: &span.trace_state,
-        name: &span.name,
+        trace_state: span.trace_state,
+        name: span.name,
         kind: span_kind(span.kind),
         service_name,
         start_time_ns: f.start,
         end_time_ns: f.end,
         status_code: status_code(status.map_or(0, |s| s.code)),
-        status_message: status.map_or("", |s| s.message.as_str()),
+        status_message: status.map_or("", |s| s.message),
         span_type,
         provider,
         model,
@@ -759,14 +767,14 @@ fn limit_value(s: Option<Cow<'_, str>>, max: usize) -> (Option<Cow<'_, str>>, bo
 }
 
 /// Writes the span's events as a JSON array; returns how many were dropped over `max`.
-fn write_events(out: &mut String, span: &Span, json: &mut JsonWriter<'_>, max: usize) -> u64 {
+fn write_events(out: &mut String, span: &Span<'_>, json: &mut JsonWriter<'_>, max: usize) -> u64 {
     out.push('[');
     for (i, e) in span.events.iter().take(max).enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push_str("{\"name\":");
-        write_str(out, &e.name);
+        write_str(out, e.name);
         let _ = write!(out, ",\"time_unix_nano\":{},\"attributes\":", e.time_unix_nano);
         json.attributes(out, &e.attributes);
         out.push('}');
@@ -776,19 +784,19 @@ fn write_events(out: &mut String, span: &Span, json: &mut JsonWriter<'_>, max: u
 }
 
 /// Writes the span's links as a JSON array; returns how many were dropped over `max`.
-fn write_links(out: &mut String, span: &Span, json: &mut JsonWriter<'_>, max: usize) -> u64 {
+fn write_links(out: &mut String, span: &Span<'_>, json: &mut JsonWriter<'_>, max: usize) -> u64 {
     out.push('[');
     for (i, l) in span.links.iter().take(max).enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push_str("{\"trace_id\":");
-        write_str(out, &hex_lossy(&l.trace_id));
+        write_str(out, &hex_lossy(l.trace_id));
         out.push_str(",\"span_id\":");
-        write_str(out, &hex_lossy(&l.span_id));
+        write_str(out, &hex_lossy(l.span_id));
         if !l.trace_state.is_empty() {
             out.push_str(",\"trace_state\":");
-            write_str(out, &l.trace_state);
+            write_str(out, l.trace_state);
         }
         out.push_str(",\"attributes\":");
         json.attributes(out, &l.attributes);
@@ -799,24 +807,19 @@ fn write_links(out: &mut String, span: &Span, json: &mut JsonWriter<'_>, max: us
 }
 
 /// An AnyValue as a JSON tree (for rebuilding flattened message lists).
-fn any_to_json(v: &AnyValue) -> Value {
-    match &v.value {
-        None | Some(any_value::Value::StringValueStrindex(_)) => Value::Null,
-        Some(any_value::Value::StringValue(s)) => Value::String(s.clone()),
-        Some(any_value::Value::BoolValue(b)) => Value::Bool(*b),
-        Some(any_value::Value::IntValue(i)) => Value::from(*i),
-        Some(any_value::Value::DoubleValue(d)) => serde_json::Number::from_f64(*d)
+fn any_to_json(v: &AnyValue<'_>) -> Value {
+    match v {
+        AnyValue::Empty => Value::Null,
+        AnyValue::String(s) => Value::String((*s).to_string()),
+        AnyValue::Bool(b) => Value::Bool(*b),
+        AnyValue::Int(i) => Value::from(*i),
+        AnyValue::Double(d) => serde_json::Number::from_f64(*d)
             .map_or_else(|| Value::String(d.to_string()), Value::Number),
-        Some(any_value::Value::ArrayValue(a)) => {
-            Value::Array(a.values.iter().map(any_to_json).collect())
-        }
-        Some(any_value::Value::KvlistValue(kv)) => Value::Object(
-            kv.values
-                .iter()
-                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json)))
-                .collect(),
+        AnyValue::Array(a) => Value::Array(a.iter().map(any_to_json).collect()),
+        AnyValue::Kvlist(list) => Value::Object(
+            list.iter().map(|kv| (kv.key.to_string(), any_to_json(&kv.value))).collect(),
         ),
-        Some(any_value::Value::BytesValue(b)) => {
+        AnyValue::Bytes(b) => {
             use base64::Engine as _;
             Value::String(base64::engine::general_purpose::STANDARD.encode(b))
         }
@@ -831,7 +834,10 @@ fn unflatten_messages<'x>(a: &Attrs<'_>, prefix: &str) -> Option<Cow<'x, str>> {
     let mut any = false;
     for kv in a.list {
         let Some(path) = kv.key.strip_prefix(prefix) else { continue };
-        let Some(value) = kv.value.as_ref() else { continue };
+        let value = &kv.value;
+        if *value == AnyValue::Empty {
+            continue;
+        }
         // Only indexed entries (`0.role`), not e.g. `gen_ai.prompt` itself.
         if path.split('.').next().is_none_or(|s| s.parse::<usize>().is_err()) {
             continue;
@@ -879,7 +885,7 @@ fn tidy(v: Value) -> Value {
 
 /// Messages carried as span events by the older GenAI conventions (`gen_ai.user.message`,
 /// `gen_ai.choice`, ...) or the `gen_ai.client.inference.operation.details` event.
-fn event_messages<'x>(span: &Span, output: bool) -> Option<Cow<'x, str>> {
+fn event_messages<'x>(span: &Span<'_>, output: bool) -> Option<Cow<'x, str>> {
     if span.events.is_empty() {
         return None;
     }
@@ -887,11 +893,11 @@ fn event_messages<'x>(span: &Span, output: bool) -> Option<Cow<'x, str>> {
     for e in &span.events {
         let key = if output { "gen_ai.output.messages" } else { "gen_ai.input.messages" };
         if let Some(s) =
-            e.attributes.iter().find(|kv| kv.key == key).and_then(|kv| as_str(kv.value.as_ref()))
+            e.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_str())
         {
             return Some(Cow::Owned(s.to_string()));
         }
-        let role = match e.name.as_str() {
+        let role = match e.name {
             "gen_ai.choice" if output => "assistant",
             "gen_ai.system.message" if !output => "system",
             "gen_ai.user.message" if !output => "user",
@@ -899,11 +905,8 @@ fn event_messages<'x>(span: &Span, output: bool) -> Option<Cow<'x, str>> {
             "gen_ai.tool.message" if !output => "tool",
             _ => continue,
         };
-        let mut m: Map<String, Value> = e
-            .attributes
-            .iter()
-            .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(Value::Null, any_to_json)))
-            .collect();
+        let mut m: Map<String, Value> =
+            e.attributes.iter().map(|kv| (kv.key.to_string(), any_to_json(&kv.value))).collect();
         m.entry("role").or_insert_with(|| Value::String(role.to_string()));
         messages.push(Value::Object(m));
     }

@@ -5,13 +5,11 @@ use std::time::Instant;
 
 use spanlake_engine::Engine;
 use spanlake_engine::metrics::{Counter, Exposition, Histogram};
-use spanlake_proto::collector::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use spanlake_proto::collector::{ExportTracePartialSuccess, ExportTraceServiceResponse};
 
 use crate::error::{Error, Result};
 use crate::limits::RequestLimits;
-use crate::normalize::{NormalizeContext, normalize};
+use crate::normalize::{NormalizeContext, normalize, normalize_request};
 
 /// Metrics of the receivers.
 #[derive(Debug, Default)]
@@ -154,14 +152,20 @@ impl IngestService {
         let inner = Arc::clone(&self.inner);
         let project_name = Arc::clone(&project);
         let normalized = spanlake_engine::on_cpu(move || -> Result<_> {
+            let redactor = inner.context.redactor.as_ref();
+            if encoding == Encoding::Protobuf && redactor.is_none() {
+                // The common case: spans read in place from the received bytes.
+                let req = spanlake_proto::decode_view(&body)?;
+                return Ok(normalize_request(&req, &inner.context)?);
+            }
             let mut req = match encoding {
                 Encoding::Protobuf => spanlake_proto::decode_protobuf(&body)?,
                 Encoding::Json => spanlake_proto::decode_json(&body)?,
             };
-            if let Some(r) = &inner.context.redactor {
+            if let Some(r) = redactor {
                 r.apply(&project_name, &mut req);
             }
-            Ok(normalize(&req, &inner.context)?)
+            normalize(&req, &inner.context)
         })
         .await
         .map_err(Error::Engine)?;
@@ -172,27 +176,6 @@ impl IngestService {
                 return Err(e);
             }
         };
-        self.store(project, normalized, started).await
-    }
-
-    /// Exports a decoded request.
-    pub async fn export(
-        &self,
-        project: Arc<str>,
-        req: ExportTraceServiceRequest,
-    ) -> Result<ExportTraceServiceResponse> {
-        let started = Instant::now();
-        let _permit = self.admit().await?;
-        let inner = Arc::clone(&self.inner);
-        let project_name = Arc::clone(&project);
-        let normalized = spanlake_engine::on_cpu(move || {
-            let mut req = req;
-            if let Some(r) = &inner.context.redactor {
-                r.apply(&project_name, &mut req);
-            }
-            normalize(&req, &inner.context)
-        })
-        .await??;
         self.store(project, normalized, started).await
     }
 

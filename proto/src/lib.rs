@@ -6,6 +6,8 @@
 //! spanlake's errors and the `google.rpc.Status` message that OTLP/HTTP uses for error bodies.
 //! No business logic lives here.
 
+pub mod view;
+
 pub use opentelemetry_proto::tonic::collector::trace::v1 as collector;
 pub use opentelemetry_proto::tonic::common::v1 as common;
 pub use opentelemetry_proto::tonic::resource::v1 as resource;
@@ -24,6 +26,13 @@ pub enum Error {
         /// The cause.
         #[source]
         source: prost::DecodeError,
+    },
+    /// The bytes are not a valid OTLP trace request (read in place).
+    #[error("invalid OTLP protobuf: {source}")]
+    Wire {
+        /// The field and the problem.
+        #[source]
+        source: view::DecodeError,
     },
     /// The bytes are not valid OTLP/JSON.
     #[error("invalid OTLP JSON at line {line} column {column}: {source}")]
@@ -44,6 +53,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Decodes an `ExportTraceServiceRequest` from protobuf bytes.
 pub fn decode_protobuf(bytes: &[u8]) -> Result<ExportTraceServiceRequest> {
     ExportTraceServiceRequest::decode(bytes).map_err(|source| Error::Protobuf { source })
+}
+
+/// Decodes an `ExportTraceServiceRequest` from protobuf bytes in place, borrowing its strings
+/// and ids (see [`view`]).
+pub fn decode_view(bytes: &[u8]) -> Result<view::ExportRequest<'_>> {
+    view::decode(bytes).map_err(|source| Error::Wire { source })
 }
 
 /// Decodes an `ExportTraceServiceRequest` from OTLP/JSON bytes.

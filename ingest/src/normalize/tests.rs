@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use super::*;
 use serde_json::json;
+use spanlake_proto::common::{AnyValue, KeyValue, any_value};
+use spanlake_proto::trace::Span;
 use spanlake_proto::{decode_json, decode_protobuf};
 
 fn fixtures_dir() -> PathBuf {
