@@ -176,9 +176,7 @@ impl<'l> JsonWriter<'l> {
             AnyValue::Empty => out.push_str("null"),
             AnyValue::String(s) => self.string(out, s),
             AnyValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            AnyValue::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
+            AnyValue::Int(i) => out.push_str(itoa::Buffer::new().format(*i)),
             AnyValue::Double(d) => write_f64(out, *d),
             AnyValue::Bytes(b) => {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(b);

@@ -242,8 +242,14 @@ fn scope_spans<'a>(buf: &'a [u8], out: &mut ScopeSpans<'a>) -> Result<()> {
         match field {
             1 => scope(r.message(wire, "ScopeSpans.scope")?, out.scope.get_or_insert_default())?,
             2 => {
+                let body = r.message(wire, "ScopeSpans.spans")?;
+                if out.spans.is_empty() {
+                    // Room for as many spans as the rest of the list holds if they are the size
+                    // of the first: spans of one scope are alike, and the list grows only once.
+                    out.spans.reserve(1 + r.buf.len() / (body.len() + 3));
+                }
                 let mut s = Span::default();
-                span(r.message(wire, "ScopeSpans.spans")?, &mut s)?;
+                span(body, &mut s)?;
                 out.spans.push(s);
             }
             3 => _ = r.string(wire, "ScopeSpans.schema_url")?,
@@ -281,7 +287,13 @@ fn span<'a>(buf: &'a [u8], out: &mut Span<'a>) -> Result<()> {
             6 => out.kind = r.enumeration(wire, "Span.kind")?,
             7 => out.start_time_unix_nano = r.fixed64(wire, "Span.start_time_unix_nano")?,
             8 => out.end_time_unix_nano = r.fixed64(wire, "Span.end_time_unix_nano")?,
-            9 => out.attributes.push(key_value(r.message(wire, "Span.attributes")?, 0)?),
+            9 => {
+                if out.attributes.is_empty() {
+                    // One allocation for a span's usual handful of attributes.
+                    out.attributes.reserve(8);
+                }
+                out.attributes.push(key_value(r.message(wire, "Span.attributes")?, 0)?);
+            }
             10 => _ = r.varint_field(wire, "Span.dropped_attributes_count")?,
             12 => _ = r.varint_field(wire, "Span.dropped_events_count")?,
             14 => _ = r.varint_field(wire, "Span.dropped_links_count")?,
