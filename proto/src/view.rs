@@ -177,6 +177,9 @@ impl<'a> AnyValue<'a> {
 /// Nesting allowed for values, groups and messages (as `prost`'s recursion limit).
 const MAX_DEPTH: u32 = 100;
 
+/// Wire bytes per span assumed at least when a span list is sized from its first span.
+const MIN_RESERVED_SPAN_BYTES: usize = 64;
+
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 const LEN: u8 = 2;
@@ -246,7 +249,14 @@ fn scope_spans<'a>(buf: &'a [u8], out: &mut ScopeSpans<'a>) -> Result<()> {
                 if out.spans.is_empty() {
                     // Room for as many spans as the rest of the list holds if they are the size
                     // of the first: spans of one scope are alike, and the list grows only once.
-                    out.spans.reserve(1 + r.buf.len() / (body.len() + 3));
+                    // Counted at no less than 64 bytes a span, so that a tiny first span before
+                    // a large one cannot make this reserve many times the request's size.
+                    // The span's wire size: its bytes, its tag and its length prefix.
+                    let prefix = (usize::BITS - body.len().leading_zeros()).div_ceil(7).max(1);
+                    let wire = (body.len() + 1 + prefix as usize).max(MIN_RESERVED_SPAN_BYTES);
+                    let rest = r.buf.len() / wire;
+                    // A little over, for spans a little smaller than the first.
+                    out.spans.reserve(1 + rest + rest / 16);
                 }
                 let mut s = Span::default();
                 span(body, &mut s)?;
@@ -289,8 +299,9 @@ fn span<'a>(buf: &'a [u8], out: &mut Span<'a>) -> Result<()> {
             8 => out.end_time_unix_nano = r.fixed64(wire, "Span.end_time_unix_nano")?,
             9 => {
                 if out.attributes.is_empty() {
-                    // One allocation for a span's usual handful of attributes.
-                    out.attributes.reserve(8);
+                    // One allocation for a span's usual handful of attributes (fewer when the
+                    // rest of the span is too short to hold them).
+                    out.attributes.reserve((r.buf.len() / 16 + 1).min(8));
                 }
                 out.attributes.push(key_value(r.message(wire, "Span.attributes")?, 0)?);
             }

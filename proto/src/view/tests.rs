@@ -431,3 +431,28 @@ fn values_nested_past_the_limit_are_refused_not_overflowing_the_stack() {
     let e = decode(&req.encode_to_vec()).unwrap_err();
     assert_eq!(e.to_string(), "AnyValue: nested too deep");
 }
+
+#[test]
+fn span_lists_are_sized_from_the_first_span_but_never_past_the_request() {
+    let span = |name: String| trace::Span { name, ..Default::default() };
+    let req = |spans: Vec<trace::Span>| {
+        ExportTraceServiceRequest {
+            resource_spans: vec![trace::ResourceSpans {
+                scope_spans: vec![trace::ScopeSpans { spans, ..Default::default() }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    };
+    let capacity =
+        |bytes: &[u8]| decode(bytes).unwrap().resource_spans[0].scope_spans[0].spans.capacity();
+    // Alike spans: one allocation for all of them.
+    let alike: Vec<_> = (0..1000).map(|i| span(format!("{i:0>80}"))).collect();
+    let n = capacity(&req(alike));
+    assert!((1000..1100).contains(&n), "{n}");
+    // An empty first span before one of 1 MB: room for at most one span per 64 bytes (and 1/16).
+    let bytes = req(vec![span(String::new()), span("x".repeat(1 << 20))]);
+    let n = capacity(&bytes);
+    let most = bytes.len() / MIN_RESERVED_SPAN_BYTES;
+    assert!(n <= 1 + most + most / 16, "{n} for {} bytes", bytes.len());
+}
