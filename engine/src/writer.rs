@@ -7,7 +7,8 @@
 //! ranges prune by partition and by the file statistics in the catalog.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{
     Array, ArrayData, AsArray, Capacities, MutableArrayData, RecordBatch, UInt32Array, make_array,
@@ -19,6 +20,7 @@ use arrow::datatypes::TimestampNanosecondType;
 use arrow::error::ArrowError;
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_writer::{ArrowColumnChunk, compute_leaves};
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
@@ -185,33 +187,67 @@ fn gather(batches: &[&RecordBatch], order: &[(usize, usize)]) -> Result<RecordBa
         let gathered = interleave_record_batch(batches, order)?;
         return RecordBatch::try_new(spans_schema(), gathered.columns().to_vec());
     }
-    let columns = (0..spans_schema().fields().len())
-        .map(|i| {
-            let sources: Vec<ArrayData> = batches.iter().map(|b| b.column(i).to_data()).collect();
-            // Text columns get their exact size up front (growing by doubling copies it again).
-            let text: Option<Vec<&[i32]>> = batches
-                .iter()
-                .map(|b| b.column(i).as_string_opt::<i32>().map(|s| s.value_offsets()))
-                .collect();
-            let capacity = match text {
-                Some(offsets) => {
-                    let bytes = runs
-                        .iter()
-                        .map(|&(b, first, end)| (offsets[b][end] - offsets[b][first]) as usize)
-                        .sum();
-                    Capacities::Binary(order.len(), Some(bytes))
-                }
-                None => Capacities::Array(order.len()),
-            };
-            let mut out =
-                MutableArrayData::with_capacities(sources.iter().collect(), false, capacity);
-            for &(b, first, end) in &runs {
-                out.try_extend(b, first, end)?;
+    let columns = per_column(spans_schema().fields().len(), |i| {
+        let sources: Vec<ArrayData> = batches.iter().map(|b| b.column(i).to_data()).collect();
+        // Text columns get their exact size up front (growing by doubling copies it again).
+        let text: Option<Vec<&[i32]>> = batches
+            .iter()
+            .map(|b| b.column(i).as_string_opt::<i32>().map(|s| s.value_offsets()))
+            .collect();
+        let capacity = match text {
+            Some(offsets) => {
+                let bytes = runs
+                    .iter()
+                    .map(|&(b, first, end)| (offsets[b][end] - offsets[b][first]) as usize)
+                    .sum();
+                Capacities::Binary(order.len(), Some(bytes))
             }
-            Ok(make_array(out.freeze()))
-        })
-        .collect::<Result<_, ArrowError>>()?;
+            None => Capacities::Array(order.len()),
+        };
+        let mut out = MutableArrayData::with_capacities(sources.iter().collect(), false, capacity);
+        for &(b, first, end) in &runs {
+            out.try_extend(b, first, end)?;
+        }
+        Ok(make_array(out.freeze()))
+    })
+    .into_iter()
+    .collect::<Result<_, ArrowError>>()?;
     RecordBatch::try_new(spans_schema(), columns)
+}
+
+/// `f` for every column index `0..columns`, in column order, run on as many threads as the
+/// machine has cores (each takes the next column not yet started). A flush or compaction
+/// gathers and encodes column by column, and the columns are independent of each other.
+fn per_column<T: Send>(columns: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(columns);
+    if threads <= 1 {
+        return (0..columns).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<Option<T>> = (0..columns).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= columns {
+                            return done;
+                        }
+                        done.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            match worker.join() {
+                Ok(done) => done.into_iter().for_each(|(i, v)| out[i] = Some(v)),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    out.into_iter().map(|v| v.expect("every column was done")).collect()
 }
 
 /// The sort key of one row: ids as written by [`crate::batch::SpanBatchBuilder`] (lowercase hex of
@@ -415,10 +451,35 @@ pub fn encode_sorted(
         .set_column_bloom_filter_max_ndv(trace_id, (traces as u64).max(1))
         .build();
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4);
-    let mut writer = ArrowWriter::try_new(&mut buf, Arc::clone(batch.schema_ref()), Some(props))
-        .map_err(parquet_err)?;
-    writer.write(batch).map_err(parquet_err)?;
-    writer.close().map_err(parquet_err)?;
+    let schema = Arc::clone(batch.schema_ref());
+    let writer =
+        ArrowWriter::try_new(&mut buf, Arc::clone(&schema), Some(props)).map_err(parquet_err)?;
+    // Row group by row group, the columns encoded in parallel (see `per_column`).
+    let (mut file, row_groups) = writer.into_serialized_writer().map_err(parquet_err)?;
+    let group_rows = config.row_group_rows.max(1);
+    for (index, start) in (0..batch.num_rows()).step_by(group_rows).enumerate() {
+        let part = batch.slice(start, group_rows.min(batch.num_rows() - start));
+        let writers: Vec<Mutex<_>> = row_groups
+            .create_column_writers(index)
+            .map_err(parquet_err)?
+            .into_iter()
+            .map(|w| Mutex::new(Some(w)))
+            .collect();
+        let chunks = per_column(writers.len(), |i| -> parquet::errors::Result<ArrowColumnChunk> {
+            let taken = writers[i].lock().map(|mut w| w.take());
+            let mut w = taken.ok().flatten().expect("each column writer is taken once");
+            for leaf in compute_leaves(schema.field(i), part.column(i))? {
+                w.write(&leaf)?;
+            }
+            w.close()
+        });
+        let mut group = file.next_row_group().map_err(parquet_err)?;
+        for chunk in chunks {
+            chunk.and_then(|c| c.append_to_row_group(&mut group)).map_err(parquet_err)?;
+        }
+        group.close().map_err(parquet_err)?;
+    }
+    file.close().map_err(parquet_err)?;
     let meta = DataFile {
         path: path.to_string(),
         project: project.to_string(),
@@ -571,6 +632,30 @@ mod tests {
         }
         let batch = b.finish().unwrap();
         let partition = HourPartition::of_ns(hour_ns);
+        // One row group, and three (128 + 128 + 44 rows) encoded one after another.
+        for (row_group_rows, groups) in [(WriterConfig::default().row_group_rows, 1), (128, 3)] {
+            let config = WriterConfig { row_group_rows, ..WriterConfig::default() };
+            let file =
+                encode_file("p", partition, std::slice::from_ref(&batch), 0, &config).unwrap();
+            let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+                .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required);
+            let reader =
+                ParquetRecordBatchReaderBuilder::try_new_with_options(file.bytes.clone(), options)
+                    .unwrap();
+            let meta = reader.metadata().clone();
+            assert_eq!(meta.num_row_groups(), groups);
+            assert!(meta.offset_index().is_some() && meta.column_index().is_some());
+            for rg in meta.row_groups() {
+                let trace = rg.columns().iter().find(|c| c.column_path().string() == col::TRACE_ID);
+                assert!(trace.unwrap().bloom_filter_offset().is_some());
+            }
+            let sizes: Vec<i64> = meta.row_groups().iter().map(|rg| rg.num_rows()).collect();
+            assert_eq!(sizes.iter().sum::<i64>(), 300, "{sizes:?}");
+            let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+            let read = concat_batches(&spans_schema(), &read).unwrap();
+            let (sorted, _) = sort_for_storage(std::slice::from_ref(&batch)).unwrap();
+            assert_eq!(read, sorted);
+        }
         let file =
             encode_file("p", partition, std::slice::from_ref(&batch), 0, &WriterConfig::default())
                 .unwrap();
