@@ -165,6 +165,8 @@ pub struct StorageConfig {
     pub flush_text_zstd_level: i32,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,
+    /// Threads a flush or compaction gathers and encodes Parquet columns on (0: one per core).
+    pub encode_threads: usize,
     /// How often to look for catalog commits of other nodes.
     pub catalog_refresh: HumanDuration,
     /// Spans older than this are removed, a whole hour partition at a time (e.g. `"30d"`).
@@ -190,6 +192,7 @@ impl Default for StorageConfig {
             zstd_level: e.writer.zstd_level,
             flush_text_zstd_level: e.writer.flush_text_zstd_level,
             row_group_rows: e.writer.row_group_rows,
+            encode_threads: 0,
             catalog_refresh: HumanDuration(e.catalog_refresh),
             retention: e.maintenance.retention.map(HumanDuration),
             file_delete_delay: HumanDuration(e.maintenance.file_delete_delay),
@@ -460,6 +463,9 @@ impl Config {
         e.writer.zstd_level = s.zstd_level;
         e.writer.flush_text_zstd_level = s.flush_text_zstd_level;
         e.writer.row_group_rows = s.row_group_rows;
+        if s.encode_threads > 0 {
+            e.writer.encode_threads = s.encode_threads;
+        }
         e.catalog_refresh = s.catalog_refresh.0;
         e.orphan_grace = s.orphan_grace.0;
         let c = &self.compaction;

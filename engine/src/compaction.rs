@@ -232,7 +232,7 @@ impl Engine {
         let writer = self.config.writer.clone();
         let (project, hour) = (job.project.clone(), HourPartition { epoch_hour: job.hour });
         let (encoded, duplicates) = on_cpu(move || -> Result<_> {
-            let (sorted, duplicates) = sort_for_storage(&batches)?;
+            let (sorted, duplicates) = sort_for_storage(&batches, writer.encode_threads)?;
             drop(batches);
             let files = split_at_traces(&sorted, rows_per_file)
                 .iter()

@@ -46,6 +46,8 @@ pub struct WriterConfig {
     pub page_rows: usize,
     /// False-positive rate of the `trace_id` bloom filter.
     pub bloom_fpp: f64,
+    /// Threads a flush or compaction gathers and encodes columns on (default: one per core).
+    pub encode_threads: usize,
 }
 
 impl Default for WriterConfig {
@@ -56,6 +58,7 @@ impl Default for WriterConfig {
             row_group_rows: 256 * 1024,
             page_rows: 8 * 1024,
             bloom_fpp: 0.01,
+            encode_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -86,7 +89,7 @@ pub fn encode_partitions<'a>(
     }
     let mut files = Vec::new();
     for (project, batches) in by_project {
-        for (partition, batch, duplicates) in sort_by_partition(&batches)? {
+        for (partition, batch, duplicates) in sort_by_partition(&batches, config.encode_threads)? {
             let mut file = encode_sorted(project, partition, &batch, level, config)?;
             file.duplicates = duplicates;
             files.push(file);
@@ -123,9 +126,9 @@ fn start_times(batch: &RecordBatch) -> &[i64] {
 /// repeats of a span (same trace id, span id and start time: a client that re-sent a request
 /// whose acknowledgement it lost). Returns the batch and how many repeats were dropped.
 /// Compaction calls it with the rows of one partition.
-pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)> {
+pub fn sort_for_storage(batches: &[RecordBatch], threads: usize) -> Result<(RecordBatch, usize)> {
     let refs: Vec<&RecordBatch> = batches.iter().collect();
-    let parts = sort_by_partition(&refs)?;
+    let parts = sort_by_partition(&refs, threads)?;
     let dropped = parts.iter().map(|(_, _, d)| d).sum();
     let sorted: Vec<RecordBatch> = parts.into_iter().map(|(_, b, _)| b).collect();
     let batch = match <[_; 1]>::try_from(sorted) {
@@ -140,7 +143,10 @@ pub fn sort_for_storage(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)>
 /// One sorted batch per hour partition of `start_time` (in partition order), each sorted by
 /// `(trace_id, start_time, span_id)` without exact repeats of a span, and how many repeats were
 /// dropped from it. One copy of the rows: they are gathered straight into their place.
-fn sort_by_partition(batches: &[&RecordBatch]) -> Result<Vec<(HourPartition, RecordBatch, usize)>> {
+fn sort_by_partition(
+    batches: &[&RecordBatch],
+    threads: usize,
+) -> Result<Vec<(HourPartition, RecordBatch, usize)>> {
     let arrow_err = |source| Error::Arrow { source };
     let Some(mut keys) = row_keys(batches) else {
         return split_hours(batches)?
@@ -165,7 +171,7 @@ fn sort_by_partition(batches: &[&RecordBatch]) -> Result<Vec<(HourPartition, Rec
             .filter(|(i, k)| *i == 0 || !k.same_span(&run[i - 1]))
             .map(|(_, k)| (k.at.0 as usize, k.at.1 as usize))
             .collect();
-        let batch = gather(batches, &order).map_err(arrow_err)?;
+        let batch = gather(batches, &order, threads).map_err(arrow_err)?;
         out.push((HourPartition { epoch_hour: hour }, batch, run.len() - order.len()));
         first = end;
     }
@@ -175,7 +181,11 @@ fn sort_by_partition(batches: &[&RecordBatch]) -> Result<Vec<(HourPartition, Rec
 /// The rows at `order` ((batch, row) pairs) as one batch of the spans schema. Requests usually
 /// carry whole traces, so the sorted order is mostly runs of neighbouring rows of one batch;
 /// those are copied a run at a time (far fewer scattered reads than row by row).
-fn gather(batches: &[&RecordBatch], order: &[(usize, usize)]) -> Result<RecordBatch, ArrowError> {
+fn gather(
+    batches: &[&RecordBatch],
+    order: &[(usize, usize)],
+    threads: usize,
+) -> Result<RecordBatch, ArrowError> {
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (batch, first row, end row)
     for &(b, row) in order {
         match runs.last_mut() {
@@ -187,7 +197,7 @@ fn gather(batches: &[&RecordBatch], order: &[(usize, usize)]) -> Result<RecordBa
         let gathered = interleave_record_batch(batches, order)?;
         return RecordBatch::try_new(spans_schema(), gathered.columns().to_vec());
     }
-    let columns = per_column(spans_schema().fields().len(), |i| {
+    let columns = per_column(threads, spans_schema().fields().len(), |i| {
         let sources: Vec<ArrayData> = batches.iter().map(|b| b.column(i).to_data()).collect();
         // Text columns get their exact size up front (growing by doubling copies it again).
         let text: Option<Vec<&[i32]>> = batches
@@ -215,11 +225,11 @@ fn gather(batches: &[&RecordBatch], order: &[(usize, usize)]) -> Result<RecordBa
     RecordBatch::try_new(spans_schema(), columns)
 }
 
-/// `f` for every column index `0..columns`, in column order, run on as many threads as the
-/// machine has cores (each takes the next column not yet started). A flush or compaction
-/// gathers and encodes column by column, and the columns are independent of each other.
-fn per_column<T: Send>(columns: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(columns);
+/// `f` for every column index `0..columns`, in column order, run on up to `threads` threads
+/// (each takes the next column not yet started). A flush or compaction gathers and encodes
+/// column by column, and the columns are independent of each other.
+fn per_column<T: Send>(threads: usize, columns: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = threads.min(columns);
     if threads <= 1 {
         return (0..columns).map(f).collect();
     }
@@ -378,7 +388,7 @@ pub fn encode_file(
     level: u8,
     config: &WriterConfig,
 ) -> Result<EncodedFile> {
-    let (batch, duplicates) = sort_for_storage(batches)?;
+    let (batch, duplicates) = sort_for_storage(batches, config.encode_threads)?;
     let mut file = encode_sorted(project, partition, &batch, level, config)?;
     file.duplicates = duplicates;
     Ok(file)
@@ -465,14 +475,18 @@ pub fn encode_sorted(
             .into_iter()
             .map(|w| Mutex::new(Some(w)))
             .collect();
-        let chunks = per_column(writers.len(), |i| -> parquet::errors::Result<ArrowColumnChunk> {
-            let taken = writers[i].lock().map(|mut w| w.take());
-            let mut w = taken.ok().flatten().expect("each column writer is taken once");
-            for leaf in compute_leaves(schema.field(i), part.column(i))? {
-                w.write(&leaf)?;
-            }
-            w.close()
-        });
+        let chunks = per_column(
+            config.encode_threads,
+            writers.len(),
+            |i| -> parquet::errors::Result<ArrowColumnChunk> {
+                let taken = writers[i].lock().map(|mut w| w.take());
+                let mut w = taken.ok().flatten().expect("each column writer is taken once");
+                for leaf in compute_leaves(schema.field(i), part.column(i))? {
+                    w.write(&leaf)?;
+                }
+                w.close()
+            },
+        );
         let mut group = file.next_row_group().map_err(parquet_err)?;
         for chunk in chunks {
             chunk.and_then(|c| c.append_to_row_group(&mut group)).map_err(parquet_err)?;
@@ -533,7 +547,7 @@ mod tests {
         let batches = [batch(0, 1), batch(1_000, 1), batch(0, 5)];
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         assert!(row_keys(&refs).is_some(), "ids of the usual length take the key sort");
-        let (by_key, dropped) = sort_for_storage(&batches).unwrap();
+        let (by_key, dropped) = sort_for_storage(&batches, 2).unwrap();
         let (by_columns, dropped_by_columns) = sort_by_columns(&batches).unwrap();
         assert_eq!(dropped, 40);
         assert_eq!(dropped, dropped_by_columns);
@@ -559,7 +573,7 @@ mod tests {
             b.finish().unwrap()
         };
         let batches = [traces(0), traces(10), traces(5)];
-        let (by_key, dropped) = sort_for_storage(&batches).unwrap();
+        let (by_key, dropped) = sort_for_storage(&batches, 2).unwrap();
         assert_eq!((by_key.num_rows(), dropped), (200, 100));
         assert_eq!((by_key, dropped), sort_by_columns(&batches).unwrap());
     }
@@ -653,7 +667,7 @@ mod tests {
             assert_eq!(sizes.iter().sum::<i64>(), 300, "{sizes:?}");
             let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
             let read = concat_batches(&spans_schema(), &read).unwrap();
-            let (sorted, _) = sort_for_storage(std::slice::from_ref(&batch)).unwrap();
+            let (sorted, _) = sort_for_storage(std::slice::from_ref(&batch), 2).unwrap();
             assert_eq!(read, sorted);
         }
         let file =
@@ -678,7 +692,7 @@ mod tests {
         assert!(chunk(col::NAME).contains(&Encoding::RLE_DICTIONARY));
         let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let read = concat_batches(&spans_schema(), &read).unwrap();
-        let (sorted, _) = sort_for_storage(&[batch]).unwrap();
+        let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();
         assert_eq!(read, sorted);
     }
 }
