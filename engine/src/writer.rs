@@ -479,8 +479,8 @@ pub fn encode_sorted(
             config.encode_threads,
             writers.len(),
             |i| -> parquet::errors::Result<ArrowColumnChunk> {
-                let taken = writers[i].lock().map(|mut w| w.take());
-                let mut w = taken.ok().flatten().expect("each column writer is taken once");
+                let taken = writers[i].lock().ok().and_then(|mut w| w.take());
+                let mut w = taken.expect("each column writer is taken once");
                 for leaf in compute_leaves(schema.field(i), part.column(i))? {
                     w.write(&leaf)?;
                 }
