@@ -52,16 +52,47 @@ pub struct MemBatch {
     pub max_start_ns: i64,
     /// Bytes charged to the memory budget.
     pub charged: u64,
+    /// Runs of equal trace ids ([`trace_runs`]): the query planner's estimate of its traces.
+    pub traces: u64,
     /// When it became visible.
     pub created: Instant,
 }
 
 impl MemBatch {
-    /// A memory batch; computes its time bounds.
+    /// A memory batch; computes its time bounds and trace runs.
     pub fn new(lsn: u64, project: Arc<str>, batch: RecordBatch, charged: u64) -> Self {
         let (min_start_ns, max_start_ns) = start_bounds(&batch);
-        Self { lsn, project, batch, min_start_ns, max_start_ns, charged, created: Instant::now() }
+        let traces = trace_runs(&batch);
+        Self {
+            lsn,
+            project,
+            batch,
+            min_start_ns,
+            max_start_ns,
+            charged,
+            traces,
+            created: Instant::now(),
+        }
     }
+}
+
+/// Runs of equal `trace_id` in a spans batch: its distinct trace ids when each trace's spans
+/// arrive together, as exporters mostly send them, and more when traces interleave. One
+/// comparison per row, where counting distinct ids exactly would hash every one.
+pub fn trace_runs(batch: &RecordBatch) -> u64 {
+    let Some(ids) = batch.column_by_name(col::TRACE_ID).and_then(|c| c.as_string_opt::<i32>())
+    else {
+        return batch.num_rows() as u64;
+    };
+    let mut runs = 0;
+    let mut last = None;
+    for id in ids {
+        if runs == 0 || id != last {
+            runs += 1;
+            last = id;
+        }
+    }
+    runs
 }
 
 /// Smallest and largest `start_time` of a spans batch (`(0, 0)` when empty).
@@ -143,18 +174,22 @@ impl SpanStore {
     pub fn snapshot(&self, scope: &Scope) -> Snapshot {
         let s = self.read();
         let project_ok = |p: &str| scope.project.as_deref().is_none_or(|want| want == p);
+        // A lookup by trace id tests every file: the id is hashed once, and the trace filter,
+        // which rules out nearly every file, goes before the trace id range, which rarely
+        // does (ids are random).
+        let trace = scope.trace_id.as_deref().map(|id| (id, self.trace_index.lookup(id)));
         Snapshot {
             files: s
                 .files
                 .values()
                 .filter(|f| {
-                    project_ok(&f.project)
-                        && scope.time.overlaps(f.min_start_ns, f.max_start_ns)
-                        && scope.trace_id.as_deref().is_none_or(|id| {
-                            f.min_trace_id.as_str() <= id
-                                && id <= f.max_trace_id.as_str()
-                                && self.trace_index.may_contain(&f.path, id)
+                    scope.time.overlaps(f.min_start_ns, f.max_start_ns)
+                        && trace.as_ref().is_none_or(|(id, lookup)| {
+                            lookup.may_contain(&f.path)
+                                && f.min_trace_id.as_str() <= *id
+                                && *id <= f.max_trace_id.as_str()
                         })
+                        && project_ok(&f.project)
                 })
                 .cloned()
                 .collect(),
@@ -233,4 +268,21 @@ pub struct MemoryUsage {
     pub oldest: Option<Instant>,
     /// Highest LSN held.
     pub max_lsn: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::SpanBatchBuilder;
+    use crate::record::SpanRecord;
+
+    #[test]
+    fn trace_runs_count_changes_of_trace_id() {
+        let mut b = SpanBatchBuilder::with_capacity(6);
+        for t in [1u8, 1, 2, 2, 2, 1] {
+            b.append(&SpanRecord { trace_id: [t; 16], ..Default::default() });
+        }
+        assert_eq!(trace_runs(&b.finish().unwrap()), 3);
+        assert_eq!(trace_runs(&SpanBatchBuilder::with_capacity(0).finish().unwrap()), 0);
+    }
 }

@@ -33,7 +33,7 @@
 //! the filters are persisted: it must never change within a format version.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 
@@ -68,10 +68,20 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn probes(trace_id: &str) -> (u64, u64) {
-    let h = splitmix(fnv1a(trace_id.as_bytes()));
-    let g = splitmix(h);
-    (h, g | 1)
+/// A trace id hashed once, to test against the filters of many files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    h1: u64,
+    h2: u64,
+}
+
+impl Probe {
+    /// The probe of `trace_id` (its lowercase hex text).
+    pub fn new(trace_id: &str) -> Self {
+        let h = splitmix(fnv1a(trace_id.as_bytes()));
+        let g = splitmix(h);
+        Self { h1: h, h2: g | 1 }
+    }
 }
 
 /// A Bloom filter over the trace ids of one data file.
@@ -100,7 +110,7 @@ impl TraceFilter {
 
     /// Adds a trace id.
     pub fn insert(&mut self, trace_id: &str) {
-        let (h1, h2) = probes(trace_id);
+        let Probe { h1, h2 } = Probe::new(trace_id);
         for i in 0..u64::from(self.hashes) {
             let bit = h1.wrapping_add(i.wrapping_mul(h2)) % self.bits;
             self.words[(bit / 64) as usize] |= 1 << (bit % 64);
@@ -109,7 +119,11 @@ impl TraceFilter {
 
     /// False when the trace is certainly not in the file.
     pub fn may_contain(&self, trace_id: &str) -> bool {
-        let (h1, h2) = probes(trace_id);
+        self.may_contain_probe(Probe::new(trace_id))
+    }
+
+    /// [`Self::may_contain`] for an id already hashed.
+    pub fn may_contain_probe(&self, Probe { h1, h2 }: Probe) -> bool {
         (0..u64::from(self.hashes)).all(|i| {
             let bit = h1.wrapping_add(i.wrapping_mul(h2)) % self.bits;
             self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
@@ -154,19 +168,42 @@ impl TraceFilter {
     }
 }
 
+/// Filters by data file path. A lookup by trace id hashes the path of every data file, so the
+/// map uses a fast hash rather than the default SipHash.
+type Filters = HashMap<String, Arc<TraceFilter>, foldhash::fast::RandomState>;
+
 /// The filters of the committed data files, by data file path.
 #[derive(Debug, Default)]
 pub struct TraceIndex {
-    filters: RwLock<HashMap<String, Arc<TraceFilter>>>,
+    filters: RwLock<Filters>,
+}
+
+/// One trace id tested against many files: hashed once, with the index read once.
+#[derive(Debug)]
+pub struct Lookup<'a> {
+    filters: RwLockReadGuard<'a, Filters>,
+    probe: Probe,
+}
+
+impl Lookup<'_> {
+    /// Whether the file at `path` may hold the trace (true when its filter is not loaded).
+    pub fn may_contain(&self, path: &str) -> bool {
+        self.filters.get(path).is_none_or(|f| f.may_contain_probe(self.probe))
+    }
 }
 
 impl TraceIndex {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<TraceFilter>>> {
+    fn read(&self) -> RwLockReadGuard<'_, Filters> {
         self.filters.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<TraceFilter>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Filters> {
         self.filters.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts testing files for `trace_id`; the index is read-locked until the lookup is dropped.
+    pub fn lookup(&self, trace_id: &str) -> Lookup<'_> {
+        Lookup { filters: self.read(), probe: Probe::new(trace_id) }
     }
 
     /// Adds the filter of a data file.
@@ -180,11 +217,6 @@ impl TraceIndex {
         for p in paths {
             f.remove(p);
         }
-    }
-
-    /// Whether the file at `path` may hold `trace_id` (true when its filter is not loaded).
-    pub fn may_contain(&self, path: &str, trace_id: &str) -> bool {
-        self.read().get(path).is_none_or(|f| f.may_contain(trace_id))
     }
 
     /// Whether the filter of `path` is loaded.
@@ -239,6 +271,22 @@ mod tests {
     fn hash_is_stable() {
         // Persisted filters depend on it: a change needs a new format version.
         // Value computed independently (FNV-1a 64, then SplitMix64) from the format description.
-        assert_eq!(probes("0af7651916cd43dd8448eb211c80319c").0, 0x4ed1_8b22_d4dc_a35d);
+        assert_eq!(Probe::new("0af7651916cd43dd8448eb211c80319c").h1, 0x4ed1_8b22_d4dc_a35d);
+    }
+
+    #[test]
+    fn a_lookup_passes_files_that_may_hold_the_trace_or_have_no_filter_loaded() {
+        let index = TraceIndex::default();
+        let ids: Vec<String> = (0..100).map(id).collect();
+        index.insert("a", Arc::new(TraceFilter::build(ids[..50].iter().map(String::as_str), 50)));
+        index.insert("b", Arc::new(TraceFilter::build(ids[50..].iter().map(String::as_str), 50)));
+        let lookup = index.lookup(&ids[7]);
+        assert!(lookup.may_contain("a"));
+        assert!(!lookup.may_contain("b"));
+        assert!(lookup.may_contain("not loaded"));
+        drop(lookup);
+        index.remove(&["a".to_string()]);
+        assert!(index.lookup(&ids[7]).may_contain("a"));
+        assert!(!index.lookup(&ids[7]).may_contain("b"));
     }
 }

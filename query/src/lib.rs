@@ -30,6 +30,7 @@ pub mod memory;
 pub mod pg;
 pub mod provider;
 pub mod replay;
+pub mod stats;
 pub mod tempo;
 pub mod trace;
 

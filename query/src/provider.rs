@@ -26,6 +26,8 @@ use spanlake_engine::catalog::DataFile;
 use spanlake_engine::schema::{col, spans_schema};
 use spanlake_engine::store::{Scope, Snapshot, SpanStore, TimeRange};
 
+use crate::stats::{Estimate, WithStatistics};
+
 /// The URL under which the data location is registered with DataFusion.
 pub const STORE_URL: &str = "spanlake://data";
 
@@ -170,6 +172,7 @@ impl TableProvider for SpansTable {
                 groups[i].push(PartitionedFile::new(f.path.clone(), f.size));
             }
             let config = FileScanConfigBuilder::new(url, Arc::new(source))
+                .with_statistics(Estimate::of_files(&snapshot.files).statistics(&self.schema))
                 .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
                 .with_projection_indices(projection.cloned())?
                 .with_limit(limit)
@@ -190,7 +193,9 @@ impl TableProvider for SpansTable {
                     None => cast_to(&b.batch, &schema),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            plans.push(MemorySourceConfig::try_new_exec(&[batches], schema, None)?);
+            let estimate = Estimate::of_batches(&snapshot.batches);
+            let memory = MemorySourceConfig::try_new_exec(&[batches], Arc::clone(&schema), None)?;
+            plans.push(Arc::new(WithStatistics::new(memory, estimate.statistics(&schema))));
         }
         match plans.len() {
             0 => {

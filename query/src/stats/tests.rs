@@ -1,0 +1,147 @@
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray as _, RecordBatch};
+use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+use datafusion::physical_plan::aggregates::AggregateExec;
+use datafusion::physical_plan::joins::HashJoinExec;
+use object_store::memory::InMemory;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+use spanlake_engine::batch::SpanBatchBuilder;
+use spanlake_engine::catalog::Change;
+use spanlake_engine::pricing::PriceTable;
+use spanlake_engine::record::{SpanRecord, span_type};
+use spanlake_engine::store::SpanStore;
+use spanlake_engine::writer::{WriterConfig, encode_partitions};
+
+use super::*;
+use crate::provider::query_schema;
+use crate::{QueryConfig, QueryEngine};
+
+const T0: i64 = 1_764_000_000_000_000_000;
+
+/// Traces `first..first + traces` of `per_trace` spans each, one second apart: an agent root
+/// and LLM calls under it; every fourth trace has a failed call.
+fn spans(first: u32, traces: u32, per_trace: u32) -> RecordBatch {
+    let mut b = SpanBatchBuilder::with_capacity((traces * per_trace) as usize);
+    for t in first..first + traces {
+        let mut trace_id = [0u8; 16];
+        trace_id[..4].copy_from_slice(&t.to_be_bytes());
+        let start = T0 + i64::from(t) * 1_000_000_000;
+        for s in 0..per_trace {
+            let mut span_id = [0u8; 8];
+            span_id[..4].copy_from_slice(&t.to_be_bytes());
+            span_id[7] = s as u8 + 1;
+            let mut root = span_id;
+            root[7] = 1;
+            b.append(&SpanRecord {
+                trace_id,
+                span_id,
+                parent_span_id: (s > 0).then_some(root),
+                name: if s == 0 { "agent" } else { "chat" },
+                start_time_ns: start + i64::from(s),
+                end_time_ns: start + 1_000,
+                span_type: if s == 0 { span_type::AGENT } else { span_type::LLM },
+                status_code: if t % 4 == 0 && s == 1 { "error" } else { "ok" },
+                ..Default::default()
+            });
+        }
+    }
+    b.finish().unwrap()
+}
+
+/// A store holding `files` as committed Parquet files and `memory` as unflushed batches.
+async fn store(files: &[RecordBatch], memory: Vec<RecordBatch>) -> Arc<SpanStore> {
+    let object_store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let store = SpanStore::new(Arc::clone(&object_store), []);
+    let project: Arc<str> = Arc::from("default");
+    let mut change = Change::default();
+    for file in
+        encode_partitions(files.iter().map(|b| (&project, b)), 0, &WriterConfig::default()).unwrap()
+    {
+        let path = object_store::path::Path::from(file.meta.path.as_str());
+        object_store.put(&path, PutPayload::from_bytes(file.bytes)).await.unwrap();
+        change.add.push(file.meta);
+    }
+    store.apply(&change, None);
+    store.push_batches(
+        memory
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| MemBatch::new(i as u64, Arc::clone(&project), b, 0)),
+    );
+    Arc::new(store)
+}
+
+#[tokio::test]
+async fn estimates_count_rows_traces_and_times_of_files_and_batches() {
+    let store = store(&[spans(0, 100, 5), spans(100, 60, 5)], vec![spans(160, 10, 5)]).await;
+    let snapshot = store.snapshot(&Default::default());
+    let files = Estimate::of_files(&snapshot.files);
+    assert_eq!(files.rows, 800);
+    assert_eq!(files.traces, Some(160));
+    assert_eq!(files.start_ns, Some((T0, T0 + 159 * 1_000_000_000 + 4)));
+    assert!(files.bytes.is_some_and(|b| b > 0));
+    // 50 unflushed rows, each trace's spans together.
+    let memory = Estimate::of_batches(&snapshot.batches);
+    assert_eq!(memory.rows, 50);
+    assert_eq!(memory.traces, Some(10));
+    assert_eq!(memory.start_ns, Some((T0 + 160 * 1_000_000_000, T0 + 169 * 1_000_000_000 + 4)));
+
+    let stats = files.statistics(&query_schema());
+    assert_eq!(stats.num_rows, Precision::Inexact(800));
+    let trace_id = &stats.column_statistics[query_schema().index_of(col::TRACE_ID).unwrap()];
+    assert_eq!(trace_id.distinct_count, Precision::Inexact(160));
+    // A projection without the trace id still gets the row count.
+    let projected = query_schema().project(&[query_schema().index_of(col::NAME).unwrap()]).unwrap();
+    let stats = files.statistics(&projected);
+    assert_eq!((stats.num_rows, stats.column_statistics.len()), (Precision::Inexact(800), 1));
+}
+
+/// Joining spans with the `traces` view builds the hash table from the traces (one row per
+/// trace, fewer after the filter), whether the spans are in files, in memory or both.
+#[tokio::test]
+async fn joins_with_the_traces_view_build_from_the_traces() {
+    let sql = "SELECT t.root_span_name, count(*), sum(s.duration_ms) FROM spans s \
+               JOIN traces t ON s.trace_id = t.trace_id \
+               WHERE s.span_type = 'llm' AND t.error_count > 0 GROUP BY 1";
+    for (files, memory) in [
+        (vec![spans(0, 200, 8)], vec![]),
+        (vec![spans(0, 100, 8), spans(100, 100, 8)], vec![spans(200, 20, 8)]),
+        (vec![], vec![spans(0, 200, 8)]),
+    ] {
+        let store = store(&files, memory.clone()).await;
+        let engine = QueryEngine::new(
+            store,
+            None,
+            Arc::new(PriceTable::default()),
+            &QueryConfig::default(),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+        let plan = engine.context().sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        let join = find::<HashJoinExec>(&plan).expect("a hash join");
+        let build_aggregates = find::<AggregateExec>(join.left()).is_some();
+        assert!(build_aggregates, "the build side is not the traces view:\n{}", display(&plan));
+        assert!(find::<AggregateExec>(join.right()).is_none(), "{}", display(&plan));
+
+        // Traces 0..n, 8 spans each (7 LLM calls of 1,000 - s ns); every fourth trace failed.
+        let n = (files.iter().chain(&memory).map(RecordBatch::num_rows).sum::<usize>() / 8) as i64;
+        let failed = (n + 3) / 4;
+        let result = engine.sql(sql).await.unwrap();
+        assert_eq!(result.num_rows(), 1);
+        let batch = &result.batches.iter().find(|b| b.num_rows() > 0).unwrap();
+        assert_eq!(batch.column(1).as_primitive::<Int64Type>().value(0), failed * 7);
+        let ms = batch.column(2).as_primitive::<Float64Type>().value(0);
+        let expected = failed as f64 * (7_000.0 - 28.0) / 1e6;
+        assert!((ms - expected).abs() < 1e-9, "{ms} != {expected}");
+    }
+}
+
+fn find<T: ExecutionPlan>(plan: &Arc<dyn ExecutionPlan>) -> Option<&T> {
+    plan.downcast_ref::<T>().or_else(|| plan.children().into_iter().find_map(|c| find::<T>(c)))
+}
+
+fn display(plan: &Arc<dyn ExecutionPlan>) -> String {
+    datafusion::physical_plan::displayable(plan.as_ref()).indent(false).to_string()
+}
