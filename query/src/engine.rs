@@ -119,8 +119,8 @@ impl QueryResult {
 const TRACES_VIEW: &str = "CREATE VIEW traces AS
 SELECT
   trace_id,
-  first_value(name ORDER BY CASE WHEN parent_span_id IS NULL THEN 0 ELSE 1 END, start_time) AS root_span_name,
-  first_value(service_name ORDER BY CASE WHEN parent_span_id IS NULL THEN 0 ELSE 1 END, start_time) AS service_name,
+  root_value(name, parent_span_id, start_time) AS root_span_name,
+  root_value(service_name, parent_span_id, start_time) AS service_name,
   min(start_time) AS start_time,
   max(end_time) AS end_time,
   (CAST(max(end_time) AS BIGINT) - CAST(min(start_time) AS BIGINT)) / 1e6 AS duration_ms,
@@ -214,6 +214,7 @@ impl QueryEngine {
         ctx.register_table(SPANS_TABLE, Arc::new(SpansTable::new(store, project)))?;
         datafusion_functions_json::register_all(&mut ctx)?;
         functions::register(&ctx, prices);
+        ctx.register_udaf(crate::aggregate::root_value());
         ctx.sql(TRACES_VIEW).await?;
         ctx.sql(SESSIONS_VIEW).await?;
         Ok(Self { ctx, metrics, config: config.clone() })

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod aggregate;
 mod engine;
 mod error;
 pub mod flight;
