@@ -94,9 +94,17 @@ impl Groups {
     fn offer(&mut self, group: usize, key: Key, value: Option<&str>) {
         if self.keys[group].is_none_or(|best| key < best) {
             self.keys[group] = Some(key);
-            let old = std::mem::replace(&mut self.values[group], value.map(str::to_owned));
+            let slot = &mut self.values[group];
             self.value_bytes =
-                self.value_bytes + value.map_or(0, str::len) - old.as_deref().map_or(0, str::len);
+                self.value_bytes + value.map_or(0, str::len) - slot.as_deref().map_or(0, str::len);
+            // A better span for a group seen before reuses the group's string.
+            match (value, slot) {
+                (Some(v), Some(s)) => {
+                    s.clear();
+                    s.push_str(v);
+                }
+                (v, slot) => *slot = v.map(str::to_owned),
+            }
         }
     }
 
@@ -153,7 +161,9 @@ impl GroupsAccumulator for Groups {
             return exec_err!("root_value takes 3 arguments, got {}", values.len());
         };
         self.grow(total_num_groups);
-        let rank = |row| Some(u8::from(parent.is_valid(row)));
+        // Roots rank 0: a null parent. The null buffer is read once, not per row.
+        let parents = parent.logical_nulls();
+        let rank = |row| Some(u8::from(parents.as_ref().is_none_or(|n| n.is_valid(row))));
         self.offer_rows(value, rank, start, group_indices, opt_filter)
     }
 
