@@ -43,6 +43,13 @@ impl MemoryBudget {
         self.used.fetch_add(bytes, Ordering::AcqRel);
     }
 
+    /// Reserves `bytes` unconditionally until the returned guard is dropped: working memory of
+    /// a job that must run to free memory, such as a flush's sorted copy and encoded file.
+    pub fn hold(&self, bytes: u64) -> Held<'_> {
+        self.force_reserve(bytes);
+        Held { budget: self, bytes }
+    }
+
     /// Returns `bytes` to the budget.
     pub fn release(&self, bytes: u64) {
         let prev = self.used.fetch_sub(bytes, Ordering::AcqRel);
@@ -60,6 +67,19 @@ impl MemoryBudget {
     }
 }
 
+/// Bytes reserved by [`MemoryBudget::hold`], returned when dropped.
+#[derive(Debug)]
+pub struct Held<'a> {
+    budget: &'a MemoryBudget,
+    bytes: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +93,18 @@ mod tests {
         budget.release(60);
         budget.try_reserve(100).unwrap();
         assert_eq!(budget.used(), 100);
+    }
+
+    #[test]
+    fn held_bytes_count_until_dropped() {
+        let budget = MemoryBudget::new(100);
+        budget.try_reserve(60).unwrap();
+        {
+            let _held = budget.hold(50);
+            assert_eq!(budget.used(), 110);
+            assert!(budget.try_reserve(1).is_err());
+        }
+        assert_eq!(budget.used(), 60);
+        budget.try_reserve(40).unwrap();
     }
 }

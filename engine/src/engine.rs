@@ -429,6 +429,10 @@ impl Engine {
     async fn flush_slice(&self, batches: Vec<Arc<MemBatch>>) -> Result<u64> {
         let started = Instant::now();
         let Some(max_lsn) = batches.iter().map(|b| b.lsn).max() else { return Ok(0) };
+        // Until the commit, the sorted copy the columns are encoded from and then the encoded
+        // files sit beside the memory table's batches: charge about one more slice for them, so
+        // that ingest backs off instead of the process growing past the budget.
+        let _working = self.budget.hold(batches.iter().map(|b| b.charged).sum());
         let writer = self.config.writer.clone();
         let encoded = on_cpu(move || {
             encode_partitions(batches.iter().map(|b| (&b.project, &b.batch)), 0, &writer)

@@ -47,6 +47,15 @@ pub mod col {
     pub const SCOPE: &str = "scope";
 }
 
+/// Prompts and completions are stored once. When `input` or `output` is one string attribute's
+/// value taken as it was sent (`input.value`, `gen_ai.input.messages`, tool call arguments, …),
+/// that attribute stays in `attributes` under its key, but its value there is the object
+/// `{"$column": "input"}` (or `"output"`) instead of a second copy of the text. Readers that
+/// rebuild spans (the trace API, the Jaeger and Tempo APIs, replay) put the text back; SQL sees
+/// the reference. LLM spans are mostly this text, so storing it twice doubled their memory,
+/// WAL, compression and disk.
+pub const MOVED_TO_COLUMN: &str = "$column";
+
 /// The timestamp type of `start_time` and `end_time`.
 pub fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))

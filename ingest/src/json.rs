@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 
 use base64::Engine as _;
+use spanlake_engine::schema::MOVED_TO_COLUMN;
 use spanlake_proto::view::{AnyValue, KeyValue};
 
 use crate::limits::SpanLimits;
@@ -143,7 +144,30 @@ impl<'l> JsonWriter<'l> {
         self.object(out, list, 0);
     }
 
+    /// Appends a span's attribute list like [`Self::attributes`], except that a string
+    /// attribute whose value is one of `moved` (the same bytes, not an equal copy: the value
+    /// a column was read from) is written as a reference to that column (see
+    /// [`spanlake_engine::schema::MOVED_TO_COLUMN`]).
+    pub fn span_attributes(
+        &mut self,
+        out: &mut String,
+        list: &[KeyValue<'_>],
+        moved: &[(&str, &'static str)],
+    ) {
+        self.object_moving(out, list, 0, moved);
+    }
+
     fn object(&mut self, out: &mut String, list: &[KeyValue<'_>], depth: usize) {
+        self.object_moving(out, list, depth, &[]);
+    }
+
+    fn object_moving(
+        &mut self,
+        out: &mut String,
+        list: &[KeyValue<'_>],
+        depth: usize,
+        moved: &[(&str, &'static str)],
+    ) {
         out.push('{');
         let max = self.limits.max_attributes;
         for (i, kv) in list.iter().enumerate() {
@@ -156,7 +180,22 @@ impl<'l> JsonWriter<'l> {
             }
             write_str(out, kv.key);
             out.push(':');
-            self.value(out, &kv.value, depth + 1);
+            let column = match &kv.value {
+                AnyValue::String(v) => moved
+                    .iter()
+                    .find(|(m, _)| std::ptr::eq(m.as_ptr(), v.as_ptr()) && m.len() == v.len()),
+                _ => None,
+            };
+            match column {
+                Some((_, column)) => {
+                    out.push('{');
+                    write_str(out, MOVED_TO_COLUMN);
+                    out.push(':');
+                    write_str(out, column);
+                    out.push('}');
+                }
+                None => self.value(out, &kv.value, depth + 1),
+            }
         }
         out.push('}');
     }

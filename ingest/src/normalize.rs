@@ -19,7 +19,9 @@
 //! | output | `gen_ai.output.messages`, `gen_ai.choice` events | `llm.output_messages.*`, `output.value` | `gen_ai.completion.N.*`, `traceloop.entity.output` |
 //!
 //! Flattened message attributes (`llm.input_messages.0.message.role`, `gen_ai.prompt.0.content`)
-//! are rebuilt into a JSON array of message objects. Token counts are kept on LLM and embedding
+//! are rebuilt into a JSON array of message objects. A value `input` or `output` takes whole
+//! from one attribute is not repeated in `attributes`: that key refers to the column instead
+//! ([`spanlake_engine::schema::MOVED_TO_COLUMN`]). Token counts are kept on LLM and embedding
 //! spans only, so that sums over a trace never count a roll-up twice. `total_tokens` is
 //! input + output when the span sends no total. `cost_usd` is the span's own cost, else the price
 //! table's, else null.
@@ -48,6 +50,7 @@ use serde_json::{Map, Value};
 use spanlake_engine::batch::{SpanBatchBuilder, TextCapacity};
 use spanlake_engine::pricing::PriceTable;
 use spanlake_engine::record::{SpanRecord, kind, span_type, status};
+use spanlake_engine::schema::col;
 use spanlake_proto::collector::ExportTraceServiceRequest;
 use spanlake_proto::view::{AnyValue, ExportRequest, KeyValue, Span};
 
@@ -543,7 +546,8 @@ pub fn normalize_request(
 
 /// Room the large text columns will need for a request, from the string values its spans carry
 /// (one cheap pass over the keys): everything for `attributes` (plus key and JSON punctuation,
-/// plus a little for escaping), prompt-like and completion-like keys for `input` and `output`.
+/// plus a little for escaping) except the values `input` and `output` may take whole,
+/// prompt-like and completion-like keys for `input` and `output`.
 fn text_capacity(req: &ExportRequest<'_>) -> TextCapacity {
     let mut c = TextCapacity::default();
     let len = |v: &AnyValue<'_>| match v {
@@ -553,11 +557,11 @@ fn text_capacity(req: &ExportRequest<'_>) -> TextCapacity {
     for span in req.resource_spans.iter().flat_map(|rs| &rs.scope_spans).flat_map(|ss| &ss.spans) {
         for kv in &span.attributes {
             let n = len(&kv.value);
-            c.attributes += kv.key.len() + n + n / 16 + 6;
-            // The keys `input` and `output` are read from (see `append_span`).
             let k = kv.key;
             let known = key_index(k);
-            if matches!(
+            // The keys `input` and `output` are read from (see `append_span`). A value one of
+            // them takes whole is a short reference in `attributes`.
+            let whole_input = matches!(
                 known,
                 Some(
                     K::GENAI_INPUT_MESSAGES
@@ -566,11 +570,8 @@ fn text_capacity(req: &ExportRequest<'_>) -> TextCapacity {
                         | K::GENAI_TOOL_ARGUMENTS
                         | K::GENAI_PROMPT
                 )
-            ) || k.starts_with("llm.input_messages.")
-                || k.starts_with("gen_ai.prompt.")
-            {
-                c.input += n + n / 16;
-            } else if matches!(
+            );
+            let whole_output = matches!(
                 known,
                 Some(
                     K::GENAI_OUTPUT_MESSAGES
@@ -579,7 +580,16 @@ fn text_capacity(req: &ExportRequest<'_>) -> TextCapacity {
                         | K::GENAI_TOOL_RESULT
                         | K::GENAI_COMPLETION
                 )
-            ) || k.starts_with("llm.output_messages.")
+            );
+            let whole = whole_input || whole_output;
+            c.attributes += kv.key.len() + if whole { 20 } else { n + n / 16 } + 6;
+            if whole_input
+                || k.starts_with("llm.input_messages.")
+                || k.starts_with("gen_ai.prompt.")
+            {
+                c.input += n + n / 16;
+            } else if whole_output
+                || k.starts_with("llm.output_messages.")
                 || k.starts_with("gen_ai.completion.")
             {
                 c.output += n + n / 16;
@@ -726,7 +736,19 @@ fn append_span(
     out.cuts.truncated_values += u64::from(cut_in) + u64::from(cut_out);
 
     scratch.attributes.clear();
-    json.attributes(&mut scratch.attributes, &span.attributes);
+    // Text taken whole from one attribute is kept once, in its column.
+    let mut moved = [("", ""); 2];
+    let mut n = 0;
+    for (value, cut, column) in [(&input, cut_in, col::INPUT), (&output, cut_out, col::OUTPUT)] {
+        if let Some(Cow::Borrowed(v)) = value
+            && !cut
+            && !v.is_empty()
+        {
+            moved[n] = (v, column);
+            n += 1;
+        }
+    }
+    json.span_attributes(&mut scratch.attributes, &span.attributes, &moved[..n]);
     scratch.events.clear();
     out.dropped_events_links +=
         write_events(&mut scratch.events, span, json, ctx.limits.max_events);

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
-use spanlake_engine::schema::col;
+use spanlake_engine::schema::{MOVED_TO_COLUMN, col};
 
 use crate::engine::QueryEngine;
 use crate::error::{Error, Result};
@@ -72,9 +72,32 @@ pub async fn trace_spans(engine: &QueryEngine, trace_id: &str) -> Result<Vec<Map
                 row.insert(c.to_string(), v);
             }
         }
+        restore_moved(&mut row);
         out.push(row);
     }
     Ok(out)
+}
+
+/// Puts the text of `input` and `output` back into the attributes it was taken from, where
+/// ingest left a reference to the column (see [`MOVED_TO_COLUMN`]).
+fn restore_moved(row: &mut Map<String, Value>) {
+    let Some(Value::Object(attributes)) = row.get(col::ATTRIBUTES) else { return };
+    let column_of = |v: &Value| match v {
+        Value::Object(m) if m.len() == 1 => match m.get(MOVED_TO_COLUMN)?.as_str()? {
+            col::INPUT => Some(col::INPUT),
+            col::OUTPUT => Some(col::OUTPUT),
+            _ => None,
+        },
+        _ => None,
+    };
+    let moved: Vec<(String, &'static str)> =
+        attributes.iter().filter_map(|(k, v)| Some((k.clone(), column_of(v)?))).collect();
+    for (key, column) in moved {
+        let text = row.get(column).cloned().unwrap_or(Value::Null);
+        if let Some(Value::Object(attributes)) = row.get_mut(col::ATTRIBUTES) {
+            attributes.insert(key, text);
+        }
+    }
 }
 
 fn str_of(row: &Map<String, Value>, key: &str) -> String {

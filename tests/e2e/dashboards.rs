@@ -34,7 +34,8 @@ fn s(v: &str) -> any_value::Value {
 /// 2000 + 100·r ms), three LLM calls j = 0..3 (model `MODELS[(r + j) % 2]`, input tokens
 /// 1000 + 10·r + j, output 100 + j, cost 0.001·(r + 1)·(j + 1) USD, 500 + 100·j ms) and two
 /// tool calls (`TOOLS[j]`, 50 + 10·r ms; the second fails when r % 4 == 0). Session and user
-/// `s-{r % 4}` / `u-{r % 4}` on every span.
+/// `s-{r % 4}` / `u-{r % 4}` on every span. LLM calls carry GenAI input and output messages,
+/// tool calls their arguments.
 pub(crate) fn agent_runs() -> ExportTraceServiceRequest {
     let mut spans = Vec::new();
     for r in 0..RUNS {
@@ -83,6 +84,14 @@ pub(crate) fn agent_runs() -> ExportTraceServiceRequest {
                         "gen_ai.usage.cost",
                         any_value::Value::DoubleValue(0.001 * (r + 1) as f64 * (j + 1) as f64),
                     ),
+                    kv(
+                        "gen_ai.input.messages",
+                        s(&format!(r#"[{{"role":"user","content":"step {j} of run {r}"}}]"#)),
+                    ),
+                    kv(
+                        "gen_ai.output.messages",
+                        s(&format!(r#"[{{"role":"assistant","content":"done {j}"}}]"#)),
+                    ),
                 ]),
                 ..Default::default()
             });
@@ -100,6 +109,7 @@ pub(crate) fn agent_runs() -> ExportTraceServiceRequest {
                 attributes: common(vec![
                     kv("gen_ai.operation.name", s("execute_tool")),
                     kv("gen_ai.tool.name", s(TOOLS[j as usize])),
+                    kv("gen_ai.tool.call.arguments", s(&format!(r#"{{"q":"run {r}"}}"#))),
                 ]),
                 status: failed.then(|| Status {
                     code: status::StatusCode::Error as i32,

@@ -210,6 +210,37 @@ fn tempo_trace_by_id_in_otlp_protobuf_and_json() {
         .cloned()
         .collect();
     assert_eq!(sent_spans.len(), 6);
+    // Prompts, completions and tool arguments are stored once, in their columns; the
+    // attributes refer to them, and the trace views below put the text back.
+    let rows = server.rows(&format!(
+        "SELECT name, input, output, json_get_json(attributes, 'gen_ai.input.messages'), \
+         json_get_json(attributes, 'gen_ai.output.messages'), \
+         json_get_json(attributes, 'gen_ai.tool.call.arguments') \
+         FROM spans WHERE trace_id = '{id}' AND span_type <> 'agent' ORDER BY start_time"
+    ));
+    let reference = |c: &str| Value::String(format!(r#"{{"$column":"{c}"}}"#));
+    let mut want = Vec::new();
+    for j in 0..3 {
+        want.push(vec![
+            Value::from("chat"),
+            Value::from(format!(r#"[{{"role":"user","content":"step {j} of run 0"}}]"#)),
+            Value::from(format!(r#"[{{"role":"assistant","content":"done {j}"}}]"#)),
+            reference("input"),
+            reference("output"),
+            Value::Null,
+        ]);
+    }
+    for tool in ["search", "calculator"] {
+        want.push(vec![
+            Value::from(format!("execute_tool {tool}")),
+            Value::from(r#"{"q":"run 0"}"#),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            reference("input"),
+        ]);
+    }
+    assert_eq!(rows, want);
     let check = |data: TracesData, what: &str| {
         assert_eq!(data.resource_spans.len(), 1, "{what}");
         let rs = &data.resource_spans[0];

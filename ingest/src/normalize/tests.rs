@@ -308,6 +308,70 @@ fn huge_prompts_are_truncated_but_usage_is_kept() {
 }
 
 #[test]
+fn text_taken_whole_from_an_attribute_is_stored_once() {
+    use any_value::Value as V;
+    let s = |v: &str| V::StringValue(v.into());
+    let prompt = r#"[{"role":"user","content":"say \"hi\""}]"#;
+    let spans = vec![
+        // OpenInference: `input.value` and `output.value` become the columns.
+        span(
+            vec![1; 16],
+            vec![1; 8],
+            vec![
+                kv("openinference.span.kind", s("LLM")),
+                kv("input.value", s(prompt)),
+                kv("output.value", s("hi")),
+                kv("note", s(prompt)),
+            ],
+        ),
+        // Both GenAI messages and `input.value`: only the one the column took is a reference.
+        span(
+            vec![1; 16],
+            vec![2; 8],
+            vec![
+                kv("gen_ai.operation.name", s("chat")),
+                kv("input.value", s("other")),
+                kv("gen_ai.input.messages", s(prompt)),
+                kv("gen_ai.output.messages", s("")),
+            ],
+        ),
+        // Rebuilt from flattened messages: nothing is taken whole.
+        span(
+            vec![1; 16],
+            vec![3; 8],
+            vec![
+                kv("llm.input_messages.0.message.role", s("user")),
+                kv("llm.input_messages.0.message.content", s("hey")),
+            ],
+        ),
+    ];
+    let (n, rows) = run(&request(spans));
+    assert_eq!(n.rejected, 0);
+    let attrs = |i: usize| rows[i]["attributes"].as_str().unwrap().to_string();
+    assert_eq!(rows[0]["input"], prompt);
+    assert_eq!(rows[0]["output"], "hi");
+    // An equal value under another key is not the one the column took: it stays.
+    assert_eq!(
+        attrs(0),
+        format!(
+            r#"{{"openinference.span.kind":"LLM","input.value":{{"$column":"input"}},"output.value":{{"$column":"output"}},"note":{}}}"#,
+            serde_json::to_string(prompt).unwrap()
+        )
+    );
+    assert_eq!(rows[1]["input"], prompt);
+    // An empty value is not worth a reference.
+    assert_eq!(
+        attrs(1),
+        r#"{"gen_ai.operation.name":"chat","input.value":"other","gen_ai.input.messages":{"$column":"input"},"gen_ai.output.messages":""}"#
+    );
+    assert_eq!(rows[2]["input"], r#"[{"content":"hey","role":"user"}]"#);
+    assert_eq!(
+        attrs(2),
+        r#"{"llm.input_messages.0.message.role":"user","llm.input_messages.0.message.content":"hey"}"#
+    );
+}
+
+#[test]
 fn spans_over_the_request_limit_are_rejected() {
     let spans = (1..=5u8).map(|i| span(vec![1; 16], vec![i; 8], vec![])).collect();
     let ctx = NormalizeContext { max_spans: 3, ..Default::default() };

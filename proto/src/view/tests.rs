@@ -9,9 +9,16 @@ use crate::collector::ExportTraceServiceRequest;
 use crate::common::{self, any_value::Value as V};
 use crate::{resource, trace};
 
+/// The fixtures: `SPANLAKE_FIXTURES`, else next to the package directory that `cargo test` names
+/// when it runs the test (a target directory shared by clones at different paths may hold a
+/// binary compiled in another clone), else where it was compiled.
 fn fixtures_dir() -> PathBuf {
     std::env::var_os("SPANLAKE_FIXTURES").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+        || {
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+                .join("../../shared/fixtures")
+        },
         PathBuf::from,
     )
 }
