@@ -455,6 +455,7 @@ async fn health(State(s): State<AppState>) -> impl IntoResponse {
         "uptime_seconds": s.started.elapsed().as_secs(),
         "memory_bytes": used,
         "memory_budget_bytes": limit,
+        "resident_bytes": s.engine.resident_memory(),
     }))
 }
 
@@ -483,6 +484,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let (used, limit) = s.engine.memory();
     e.gauge("spanlake_memory_bytes", "Bytes held by ingest before Parquet", used as i64);
     e.gauge("spanlake_memory_budget_bytes", "The configured ingest memory budget", limit as i64);
+    e.gauge(
+        "spanlake_resident_memory_bytes",
+        "The process's resident memory, as the memory budget last sampled it",
+        s.engine.resident_memory() as i64,
+    );
     let usage = s.engine.store().memory_usage();
     e.gauge("spanlake_buffer_rows", "Spans in memory, not yet in Parquet", usage.rows as i64);
     e.gauge(

@@ -11,21 +11,60 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{Error, Result};
 
 /// A byte budget.
+///
+/// The bytes charged are what ingest holds; the process holds more (the allocator keeps freed
+/// memory for a while, buffers are in flight, queries run). So new data is also refused while
+/// the process's resident memory, as last sampled, is over 7/8 of the limit (the last eighth
+/// absorbs what arrives between two samples and the requests being decoded) and ingest holds
+/// more than a quarter of the limit: there is then something to flush that brings memory down.
+/// Below that quarter, resident memory is not ingest's to give back, and refusing would only
+/// stall it.
 #[derive(Debug)]
 pub struct MemoryBudget {
     used: AtomicU64,
     limit: u64,
+    resident: AtomicU64,
 }
 
 impl MemoryBudget {
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> Self {
-        Self { used: AtomicU64::new(0), limit }
+        Self { used: AtomicU64::new(0), limit, resident: AtomicU64::new(0) }
     }
 
-    /// Reserves `bytes`, or refuses when that would go over the limit.
+    /// Records the process's resident memory (sampled by the engine).
+    pub fn set_resident(&self, bytes: u64) {
+        self.resident.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The process's resident memory as last recorded (0 if never).
+    pub fn resident(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    /// Refuses new data while the budget is exhausted or the process is over it (see the type's
+    /// docs); reserves nothing.
+    pub fn admit(&self) -> Result<()> {
+        let used = self.used();
+        if used >= self.limit {
+            return Err(Error::BufferFull { used, limit: self.limit });
+        }
+        self.check_resident(used)
+    }
+
+    fn check_resident(&self, used: u64) -> Result<()> {
+        let resident = self.resident();
+        if resident > self.limit - self.limit / 8 && used > self.limit / 4 {
+            return Err(Error::ResidentOverBudget { resident, used, limit: self.limit });
+        }
+        Ok(())
+    }
+
+    /// Reserves `bytes`, or refuses when that would go over the limit (or the process is over
+    /// it, see the type's docs).
     pub fn try_reserve(&self, bytes: u64) -> Result<()> {
         let mut used = self.used.load(Ordering::Relaxed);
+        self.check_resident(used)?;
         loop {
             let next = used.saturating_add(bytes);
             if next > self.limit {
@@ -67,6 +106,14 @@ impl MemoryBudget {
     }
 }
 
+/// The process's resident memory (`VmRSS` in /proc/self/status); `None` where there is none.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Bytes reserved by [`MemoryBudget::hold`], returned when dropped.
 #[derive(Debug)]
 pub struct Held<'a> {
@@ -93,6 +140,32 @@ mod tests {
         budget.release(60);
         budget.try_reserve(100).unwrap();
         assert_eq!(budget.used(), 100);
+    }
+
+    #[test]
+    fn an_over_budget_process_refuses_while_ingest_holds_a_quarter() {
+        let budget = MemoryBudget::new(100);
+        budget.set_resident(89);
+        // Little held: resident memory is not ingest's to give back.
+        budget.try_reserve(25).unwrap();
+        budget.admit().unwrap();
+        budget.try_reserve(1).unwrap();
+        let err = budget.try_reserve(1).unwrap_err();
+        assert!(matches!(err, Error::ResidentOverBudget { resident: 89, used: 26, limit: 100 }));
+        assert!(budget.admit().is_err());
+        // At 7/8 of the limit (rounded up), data is taken again.
+        budget.set_resident(88);
+        budget.try_reserve(1).unwrap();
+        budget.admit().unwrap();
+    }
+
+    /// The process's resident memory, read from /proc/self/status: more than nothing.
+    #[test]
+    fn resident_bytes_are_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            let kb = resident_bytes().unwrap();
+            assert!(kb > 1 << 20, "{kb}");
+        }
     }
 
     #[test]

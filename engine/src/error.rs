@@ -12,6 +12,19 @@ pub enum Error {
         /// The configured budget.
         limit: u64,
     },
+    /// The process's resident memory is over the ingest memory budget while ingest holds a
+    /// good part of it (see [`crate::budget::MemoryBudget`]).
+    #[error(
+        "process memory over the ingest budget ({resident} bytes resident, {used} held by ingest, budget {limit}); retry later"
+    )]
+    ResidentOverBudget {
+        /// Resident bytes of the process, as last sampled.
+        resident: u64,
+        /// Bytes ingest held.
+        used: u64,
+        /// The configured budget.
+        limit: u64,
+    },
     /// The write-ahead log queue is full: the disk is not keeping up.
     #[error("write-ahead log queue full ({pending} requests waiting); retry later")]
     WalBusy {
@@ -142,7 +155,9 @@ impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::BufferFull { .. } | Self::WalBusy { .. } => ErrorKind::Overloaded,
+            Self::BufferFull { .. } | Self::ResidentOverBudget { .. } | Self::WalBusy { .. } => {
+                ErrorKind::Overloaded
+            }
             Self::ShuttingDown
             | Self::ObjectStore { .. }
             | Self::WalIo { .. }

@@ -228,12 +228,10 @@ impl IngestService {
 
     /// Refuses a request at once, before decoding it, while the memory budget is exhausted.
     fn refuse_when_full(&self) -> Result<()> {
-        let (used, limit) = self.inner.engine.memory();
-        if used >= limit {
+        self.inner.engine.admit().map_err(|e| {
             self.inner.metrics.requests_refused_early.add(1);
-            return Err(spanlake_engine::Error::BufferFull { used, limit }.into());
-        }
-        Ok(())
+            e.into()
+        })
     }
 
     /// Counts a malformed request.
