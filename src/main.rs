@@ -17,22 +17,18 @@ use crate::config::Config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-// mimalloc's option setter (`mimalloc.h`), in the library the allocator above links.
+// mimalloc's collection (`mimalloc.h`), in the library the allocator above links.
 unsafe extern "C" {
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    fn mi_collect(force: bool);
 }
 
-/// How long mimalloc keeps freed memory before returning it to the OS, unless
-/// `MIMALLOC_PURGE_DELAY` says otherwise. Ingest frees large buffers all the time (request
-/// batches, a flush's sorted copy). Under LLM spans, peak RSS with the library's default of 1 s
-/// was about 200 MiB higher than with 100 ms at the same throughput, and 10 ms slowed ingest
-/// down (BENCHMARKS.md, ninth session).
-fn set_allocator_purge_delay() {
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets a plain integer option; mimalloc reads options at any time.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 100) };
-    }
+/// Gives the memory mimalloc holds freed back to the OS now, rather than after its purge delay
+/// (1 s). The engine calls it after each flush, which frees a slice of the memory table and
+/// its sorted copy at once. A shorter purge delay for everything did the same for ingest but
+/// slowed queries, which free and reuse large hash tables (BENCHMARKS.md, ninth session).
+pub(crate) fn release_allocator_memory() {
+    // SAFETY: no arguments to uphold; collection is safe at any time from any thread.
+    unsafe { mi_collect(true) };
 }
 
 /// Storage engine and SQL backend for AI-agent traces.
@@ -302,7 +298,6 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()
 }
 
 fn main() -> anyhow::Result<()> {
-    set_allocator_purge_delay();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -41,7 +41,9 @@ pub async fn open_engine(
     let instrumented = InstrumentedStore::new(inner);
     let counters = instrumented.counters();
     let faults = instrumented.faults();
-    let engine = Engine::open(config.engine(), Arc::new(instrumented), Arc::default())
+    let mut engine_config = config.engine();
+    engine_config.release_memory = Some(crate::release_allocator_memory);
+    let engine = Engine::open(engine_config, Arc::new(instrumented), Arc::default())
         .await
         .with_context(|| format!("cannot open the storage engine at {url}"))?;
     Ok((engine, counters, faults))

@@ -64,6 +64,11 @@ pub struct EngineConfig {
     pub orphan_grace: Duration,
     /// Compaction, retention and the deletion of files that left the catalog.
     pub maintenance: MaintenanceConfig,
+    /// Called after a flush has dropped what it wrote, to give freed memory back to the OS at
+    /// once instead of when the allocator gets to it (the server passes its allocator's
+    /// collection). Ingest's admission watches resident memory (see [`MemoryBudget`]), so
+    /// freed memory the allocator keeps would otherwise hold ingest back.
+    pub release_memory: Option<fn()>,
 }
 
 impl EngineConfig {
@@ -81,6 +86,7 @@ impl EngineConfig {
             catalog_refresh: Duration::from_secs(5),
             orphan_grace: Duration::from_secs(3600),
             maintenance: MaintenanceConfig::default(),
+            release_memory: None,
         }
     }
 }
@@ -421,7 +427,12 @@ impl Engine {
                 continue;
             }
             match self.flush().await {
-                Ok(_) => backoff = Duration::from_millis(100),
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    if let Some(release) = self.config.release_memory {
+                        let _ = on_cpu(release).await;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "flush failed; data stays in memory and in the WAL");
                     tokio::time::sleep(backoff).await;
