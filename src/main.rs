@@ -23,9 +23,11 @@ unsafe extern "C" {
 }
 
 /// Gives the memory mimalloc holds freed back to the OS now, rather than after its purge delay
-/// (1 s). The engine calls it after each flush, which frees a slice of the memory table and
-/// its sorted copy at once. A shorter purge delay for everything did the same for ingest but
-/// slowed queries, which free and reuse large hash tables (BENCHMARKS.md, ninth session).
+/// (1 s). The engine calls it after a flush (which frees a slice of the memory table and its
+/// sorted copy at once) while resident memory holds ingest back. A shorter purge delay for
+/// everything did the same for ingest but slowed queries, which free and reuse large hash
+/// tables; collecting after every flush slowed small-span ingest (BENCHMARKS.md, ninth
+/// session).
 pub(crate) fn release_allocator_memory() {
     // SAFETY: no arguments to uphold; collection is safe at any time from any thread.
     unsafe { mi_collect(true) };

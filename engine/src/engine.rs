@@ -64,10 +64,9 @@ pub struct EngineConfig {
     pub orphan_grace: Duration,
     /// Compaction, retention and the deletion of files that left the catalog.
     pub maintenance: MaintenanceConfig,
-    /// Called after a flush has dropped what it wrote, to give freed memory back to the OS at
-    /// once instead of when the allocator gets to it (the server passes its allocator's
-    /// collection). Ingest's admission watches resident memory (see [`MemoryBudget`]), so
-    /// freed memory the allocator keeps would otherwise hold ingest back.
+    /// Called after a flush has dropped what it wrote, while resident memory is high enough to
+    /// hold ingest back (see [`MemoryBudget`]), to give freed memory back to the OS at once
+    /// instead of when the allocator gets to it (the server passes its allocator's collection).
     pub release_memory: Option<fn()>,
 }
 
@@ -429,7 +428,11 @@ impl Engine {
             match self.flush().await {
                 Ok(_) => {
                     backoff = Duration::from_millis(100);
-                    if let Some(release) = self.config.release_memory {
+                    // Only when resident memory holds ingest back: handing memory back that
+                    // is about to be used again costs the next allocations page faults.
+                    if let Some(release) = self.config.release_memory
+                        && self.budget.resident_pressure()
+                    {
                         let _ = on_cpu(release).await;
                     }
                 }
