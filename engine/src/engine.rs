@@ -179,12 +179,19 @@ const COALESCE_BYTES: usize = 4 << 20;
 fn coalesce(records: Vec<Committed>) -> Vec<MemBatch> {
     #[derive(Default)]
     struct Open {
+        first_lsn: Option<u64>,
         lsn: u64,
         batches: Vec<RecordBatch>,
         charged: u64,
         bytes: usize,
     }
     fn finish(project: &Arc<str>, open: Open, out: &mut Vec<MemBatch>) {
+        let first_lsn = open.first_lsn.unwrap_or(open.lsn);
+        let made = |batch, charged| {
+            let mut m = MemBatch::new(open.lsn, Arc::clone(project), batch, charged);
+            m.first_lsn = first_lsn;
+            m
+        };
         let batch = match <[_; 1]>::try_from(open.batches) {
             Ok([one]) => one,
             Err(batches) if batches.is_empty() => return,
@@ -195,14 +202,13 @@ fn coalesce(records: Vec<Committed>) -> Vec<MemBatch> {
                     tracing::error!(error = %e, "cannot concatenate committed batches");
                     let mut charged = open.charged;
                     for b in batches {
-                        let charged = std::mem::take(&mut charged);
-                        out.push(MemBatch::new(open.lsn, Arc::clone(project), b, charged));
+                        out.push(made(b, std::mem::take(&mut charged)));
                     }
                     return;
                 }
             },
         };
-        out.push(MemBatch::new(open.lsn, Arc::clone(project), batch, open.charged));
+        out.push(made(batch, open.charged));
     }
     let mut open: BTreeMap<Arc<str>, Open> = BTreeMap::new();
     let mut out = Vec::new();
@@ -211,10 +217,17 @@ fn coalesce(records: Vec<Committed>) -> Vec<MemBatch> {
         let e = open.entry(Arc::clone(&c.project)).or_default();
         if bytes >= COALESCE_BYTES {
             finish(&c.project, std::mem::take(e), &mut out);
-            let whole = Open { lsn: c.lsn, batches: vec![c.batch], charged: c.charged, bytes };
+            let whole = Open {
+                first_lsn: Some(c.lsn),
+                lsn: c.lsn,
+                batches: vec![c.batch],
+                charged: c.charged,
+                bytes,
+            };
             finish(&c.project, whole, &mut out);
             continue;
         }
+        e.first_lsn = Some(e.first_lsn.map_or(c.lsn, |f| f.min(c.lsn)));
         e.lsn = e.lsn.max(c.lsn);
         e.batches.push(c.batch);
         e.charged += c.charged;
@@ -227,6 +240,33 @@ fn coalesce(records: Vec<Committed>) -> Vec<MemBatch> {
         finish(&project, e, &mut out);
     }
     out
+}
+
+/// The next slice of the memory table to flush, among the batches up to LSN `target`: a prefix
+/// in LSN order of about `max_bytes`, closed so that it holds every record at or below its
+/// highest LSN, which is what the WAL mark of its commit promises (replay after a restart skips
+/// those records). A group commit's records are split by project, so another project's batch
+/// may hold LSNs below the prefix's highest: such a batch joins the slice.
+fn next_slice(mut batches: Vec<Arc<MemBatch>>, target: u64, max_bytes: u64) -> Vec<Arc<MemBatch>> {
+    batches.sort_by_key(|b| b.lsn);
+    let mut slice = Vec::new();
+    let mut bytes = 0u64;
+    let mut rest = batches.into_iter().filter(|b| b.lsn <= target).peekable();
+    while let Some(b) = rest.next_if(|b| slice.is_empty() || bytes + b.charged <= max_bytes) {
+        bytes += b.charged;
+        slice.push(b);
+    }
+    let mut rest: Vec<_> = rest.collect();
+    while let Some(max) = slice.iter().map(|b| b.lsn).max() {
+        let (joining, staying): (Vec<_>, Vec<_>) =
+            rest.into_iter().partition(|b| b.first_lsn <= max);
+        rest = staying;
+        if joining.is_empty() {
+            break;
+        }
+        slice.extend(joining);
+    }
+    slice
 }
 
 impl Engine {
@@ -472,21 +512,7 @@ impl Engine {
         let Some(target) = self.store.batches().iter().map(|b| b.lsn).max() else { return Ok(0) };
         let mut rows = 0;
         loop {
-            let mut batches = self.store.batches();
-            batches.sort_by_key(|b| b.lsn);
-            // A prefix in LSN order: every batch at or below the slice's highest LSN is in it,
-            // which is what the WAL mark of its commit promises.
-            let mut slice = Vec::new();
-            let mut bytes = 0u64;
-            for b in batches {
-                if b.lsn > target
-                    || (!slice.is_empty() && bytes + b.charged > self.config.flush_max_bytes)
-                {
-                    break;
-                }
-                bytes += b.charged;
-                slice.push(b);
-            }
+            let slice = next_slice(self.store.batches(), target, self.config.flush_max_bytes);
             if slice.is_empty() {
                 return Ok(rows);
             }
@@ -768,6 +794,33 @@ mod tests {
         batch.column_by_name(col::INPUT).unwrap().as_string::<i32>().values().as_ptr()
     }
 
+    /// A memory batch of no rows holding LSNs `first..=lsn`, charged `charged`.
+    fn held(first: u64, lsn: u64, charged: u64) -> Arc<MemBatch> {
+        let batch = SpanBatchBuilder::with_capacity(0).finish().unwrap();
+        let mut m = MemBatch::new(lsn, "p".into(), batch, charged);
+        m.first_lsn = first;
+        Arc::new(m)
+    }
+
+    fn lsns(slice: &[Arc<MemBatch>]) -> Vec<u64> {
+        slice.iter().map(|b| b.lsn).collect()
+    }
+
+    #[test]
+    fn a_flush_slice_holds_every_record_up_to_its_highest_lsn() {
+        // One group commit split by project: `a` holds LSNs 1..=6, `b` 2..=7 (interleaved),
+        // then a later group 8..=9, and 10 arrived after the flush began (target 9).
+        let batches = vec![held(8, 9, 100), held(2, 7, 100), held(1, 6, 100), held(10, 10, 1)];
+        // 150 bytes take only `a`; `b` holds LSNs below 6, so it joins.
+        assert_eq!(lsns(&next_slice(batches.clone(), 9, 150)), vec![6, 7]);
+        assert_eq!(lsns(&next_slice(batches[..1].to_vec(), 9, 150)), vec![9]);
+        // A batch past the target never joins; a large budget takes all up to it.
+        assert_eq!(lsns(&next_slice(batches.clone(), 9, 1 << 20)), vec![6, 7, 9]);
+        // The first batch goes even when it is over the size on its own.
+        assert_eq!(lsns(&next_slice(vec![held(3, 3, 500), held(4, 4, 1)], 4, 100)), vec![3]);
+        assert!(next_slice(batches, 0, 100).is_empty());
+    }
+
     #[test]
     fn small_records_are_concatenated_and_large_ones_kept_uncopied() {
         let big = record(3, "a", 80, 64 << 10);
@@ -778,17 +831,19 @@ mod tests {
         // Records of 1.1 MiB: four of them pass the size, the fifth starts another batch.
         records.extend((6..=10).map(|lsn| record(lsn, "c", 1, 1_100_000)));
         let out = coalesce(records);
-        let summary: Vec<(&str, u64, usize, u64)> =
-            out.iter().map(|m| (&*m.project, m.lsn, m.batch.num_rows(), m.charged)).collect();
+        let summary: Vec<(&str, u64, u64, usize, u64)> = out
+            .iter()
+            .map(|m| (&*m.project, m.first_lsn, m.lsn, m.batch.num_rows(), m.charged))
+            .collect();
         assert_eq!(
             summary,
             vec![
-                ("a", 1, 2, 10),
-                ("a", 3, 80, 30),
-                ("c", 9, 4, 60 + 70 + 80 + 90),
-                ("a", 5, 3, 40 + 50),
-                ("b", 2, 3, 20),
-                ("c", 10, 1, 100),
+                ("a", 1, 1, 2, 10),
+                ("a", 3, 3, 80, 30),
+                ("c", 6, 9, 4, 60 + 70 + 80 + 90),
+                ("a", 4, 5, 3, 40 + 50),
+                ("b", 2, 2, 3, 20),
+                ("c", 10, 10, 1, 100),
             ]
         );
         assert_eq!(input_ptr(&out[1].batch), big_input, "the large record was copied");

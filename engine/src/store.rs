@@ -42,6 +42,9 @@ impl TimeRange {
 pub struct MemBatch {
     /// Highest WAL LSN of the records in it.
     pub lsn: u64,
+    /// Lowest WAL LSN of the records in it. Records of one group commit are split by project,
+    /// so another batch's LSNs may fall between this one's.
+    pub first_lsn: u64,
     /// Project of its spans.
     pub project: Arc<str>,
     /// The rows.
@@ -65,6 +68,7 @@ impl MemBatch {
         let traces = trace_runs(&batch);
         Self {
             lsn,
+            first_lsn: lsn,
             project,
             batch,
             min_start_ns,
