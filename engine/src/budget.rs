@@ -55,12 +55,16 @@ impl MemoryBudget {
     /// Whether the process's resident memory is over 7/8 of the limit, where ingest starts to
     /// be refused (see the type's docs).
     pub fn resident_pressure(&self) -> bool {
-        self.resident() > self.limit - self.limit / 8
+        self.over_resident_line(self.resident())
+    }
+
+    fn over_resident_line(&self, resident: u64) -> bool {
+        resident > self.limit - self.limit / 8
     }
 
     fn check_resident(&self, used: u64) -> Result<()> {
         let resident = self.resident();
-        if self.resident_pressure() && used > self.limit / 4 {
+        if self.over_resident_line(resident) && used > self.limit / 4 {
             return Err(Error::ResidentOverBudget { resident, used, limit: self.limit });
         }
         Ok(())

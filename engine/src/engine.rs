@@ -163,33 +163,35 @@ pub async fn open_snapshot(
     let pending: Vec<Committed> = records
         .into_iter()
         .filter(|r| r.lsn > flushed)
-        .map(|r| Committed { lsn: r.lsn, project: r.project, batch: r.batch, charged: 0 })
+        .map(|r| {
+            // No budget in a snapshot; the size still decides how records are concatenated.
+            let charged = r.batch.get_array_memory_size() as u64;
+            Committed { lsn: r.lsn, project: r.project, batch: r.batch, charged }
+        })
         .collect();
     store.push_batches(coalesce(pending));
     Ok(Arc::new(store))
 }
 
 /// A memory batch is made of one project's consecutive records until it holds about this many
-/// bytes: small requests make few batches (which scans and flush slicing prefer), and a record
-/// this big already is kept as it is, without a copy.
-const COALESCE_BYTES: usize = 4 << 20;
+/// bytes (as charged): small requests make few batches (which scans and flush slicing prefer),
+/// and a record this big already is kept as it is, without a copy.
+const COALESCE_BYTES: u64 = 4 << 20;
 
-/// Committed records as memory batches: per project, consecutive records concatenated up to
-/// [`COALESCE_BYTES`]; larger records alone and uncopied.
+/// Committed records (in LSN order) as memory batches: per project, consecutive records
+/// concatenated up to [`COALESCE_BYTES`]; larger records alone and uncopied.
 fn coalesce(records: Vec<Committed>) -> Vec<MemBatch> {
     #[derive(Default)]
     struct Open {
-        first_lsn: Option<u64>,
+        first_lsn: u64,
         lsn: u64,
         batches: Vec<RecordBatch>,
         charged: u64,
-        bytes: usize,
     }
     fn finish(project: &Arc<str>, open: Open, out: &mut Vec<MemBatch>) {
-        let first_lsn = open.first_lsn.unwrap_or(open.lsn);
         let made = |batch, charged| {
             let mut m = MemBatch::new(open.lsn, Arc::clone(project), batch, charged);
-            m.first_lsn = first_lsn;
+            m.first_lsn = open.first_lsn;
             m
         };
         let batch = match <[_; 1]>::try_from(open.batches) {
@@ -213,26 +215,19 @@ fn coalesce(records: Vec<Committed>) -> Vec<MemBatch> {
     let mut open: BTreeMap<Arc<str>, Open> = BTreeMap::new();
     let mut out = Vec::new();
     for c in records {
-        let bytes = c.batch.get_array_memory_size();
         let e = open.entry(Arc::clone(&c.project)).or_default();
-        if bytes >= COALESCE_BYTES {
+        if c.charged >= COALESCE_BYTES {
             finish(&c.project, std::mem::take(e), &mut out);
-            let whole = Open {
-                first_lsn: Some(c.lsn),
-                lsn: c.lsn,
-                batches: vec![c.batch],
-                charged: c.charged,
-                bytes,
-            };
-            finish(&c.project, whole, &mut out);
+            out.push(MemBatch::new(c.lsn, c.project, c.batch, c.charged));
             continue;
         }
-        e.first_lsn = Some(e.first_lsn.map_or(c.lsn, |f| f.min(c.lsn)));
-        e.lsn = e.lsn.max(c.lsn);
+        if e.batches.is_empty() {
+            e.first_lsn = c.lsn;
+        }
+        e.lsn = c.lsn;
         e.batches.push(c.batch);
         e.charged += c.charged;
-        e.bytes += bytes;
-        if e.bytes >= COALESCE_BYTES {
+        if e.charged >= COALESCE_BYTES {
             finish(&c.project, std::mem::take(e), &mut out);
         }
     }
@@ -773,7 +768,7 @@ mod tests {
     use crate::record::SpanRecord;
     use crate::schema::col;
 
-    /// A record of `rows` spans, each with `text` bytes of input, charged `lsn * 10`.
+    /// A record of `rows` spans, each with `text` bytes of input, charged its size.
     fn record(lsn: u64, project: &str, rows: usize, text: usize) -> Committed {
         let input = "x".repeat(text);
         let mut b = SpanBatchBuilder::with_capacity(rows);
@@ -787,7 +782,9 @@ mod tests {
                 ..Default::default()
             });
         }
-        Committed { lsn, project: project.into(), batch: b.finish().unwrap(), charged: lsn * 10 }
+        let batch = b.finish().unwrap();
+        let charged = batch.get_array_memory_size() as u64;
+        Committed { lsn, project: project.into(), batch, charged }
     }
 
     fn input_ptr(batch: &RecordBatch) -> *const u8 {
@@ -824,12 +821,16 @@ mod tests {
     #[test]
     fn small_records_are_concatenated_and_large_ones_kept_uncopied() {
         let big = record(3, "a", 80, 64 << 10);
-        assert!(big.batch.get_array_memory_size() >= COALESCE_BYTES);
+        assert!(big.charged >= COALESCE_BYTES);
         let big_input = input_ptr(&big.batch);
         let mut records = vec![record(1, "a", 2, 10), record(2, "b", 3, 10), big];
         records.extend([record(4, "a", 1, 10), record(5, "a", 2, 10)]);
         // Records of 1.1 MiB: four of them pass the size, the fifth starts another batch.
         records.extend((6..=10).map(|lsn| record(lsn, "c", 1, 1_100_000)));
+        let charged: Vec<u64> = records.iter().map(|c| c.charged).collect();
+        let sum = |lsns: std::ops::RangeInclusive<usize>| -> u64 {
+            lsns.map(|lsn| charged[lsn - 1]).sum()
+        };
         let out = coalesce(records);
         let summary: Vec<(&str, u64, u64, usize, u64)> = out
             .iter()
@@ -838,12 +839,12 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                ("a", 1, 1, 2, 10),
-                ("a", 3, 3, 80, 30),
-                ("c", 6, 9, 4, 60 + 70 + 80 + 90),
-                ("a", 4, 5, 3, 40 + 50),
-                ("b", 2, 2, 3, 20),
-                ("c", 10, 10, 1, 100),
+                ("a", 1, 1, 2, sum(1..=1)),
+                ("a", 3, 3, 80, sum(3..=3)),
+                ("c", 6, 9, 4, sum(6..=9)),
+                ("a", 4, 5, 3, sum(4..=5)),
+                ("b", 2, 2, 3, sum(2..=2)),
+                ("c", 10, 10, 1, sum(10..=10)),
             ]
         );
         assert_eq!(input_ptr(&out[1].batch), big_input, "the large record was copied");

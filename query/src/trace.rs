@@ -81,23 +81,17 @@ pub async fn trace_spans(engine: &QueryEngine, trace_id: &str) -> Result<Vec<Map
 /// Puts the text of `input` and `output` back into the attributes it was taken from, where
 /// ingest left a reference to the column (see [`MOVED_TO_COLUMN`]).
 fn restore_moved(row: &mut Map<String, Value>) {
-    let Some(Value::Object(attributes)) = row.get(col::ATTRIBUTES) else { return };
-    let column_of = |v: &Value| match v {
-        Value::Object(m) if m.len() == 1 => match m.get(MOVED_TO_COLUMN)?.as_str()? {
-            col::INPUT => Some(col::INPUT),
-            col::OUTPUT => Some(col::OUTPUT),
+    let Some(Value::Object(mut attributes)) = row.remove(col::ATTRIBUTES) else { return };
+    for value in attributes.values_mut() {
+        let column = match value {
+            Value::Object(m) if m.len() == 1 => m.get(MOVED_TO_COLUMN).and_then(Value::as_str),
             _ => None,
-        },
-        _ => None,
-    };
-    let moved: Vec<(String, &'static str)> =
-        attributes.iter().filter_map(|(k, v)| Some((k.clone(), column_of(v)?))).collect();
-    for (key, column) in moved {
-        let text = row.get(column).cloned().unwrap_or(Value::Null);
-        if let Some(Value::Object(attributes)) = row.get_mut(col::ATTRIBUTES) {
-            attributes.insert(key, text);
+        };
+        if let Some(column @ (col::INPUT | col::OUTPUT)) = column {
+            *value = row.get(column).cloned().unwrap_or(Value::Null);
         }
     }
+    row.insert(col::ATTRIBUTES.to_string(), Value::Object(attributes));
 }
 
 fn str_of(row: &Map<String, Value>, key: &str) -> String {
