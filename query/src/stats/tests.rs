@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{AsArray as _, RecordBatch};
-use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::joins::HashJoinExec;
 use object_store::memory::InMemory;
@@ -144,4 +144,54 @@ fn find<T: ExecutionPlan>(plan: &Arc<dyn ExecutionPlan>) -> Option<&T> {
 
 fn display(plan: &Arc<dyn ExecutionPlan>) -> String {
     datafusion::physical_plan::displayable(plan.as_ref()).indent(false).to_string()
+}
+
+/// The `traces` view groups by `trace_key(trace_id)`; a filter on its `trace_id` still
+/// reaches the scan as a filter on the stored column, and the rows are those of the trace.
+#[tokio::test]
+async fn traces_by_id_filter_the_scan_on_the_stored_trace_id() {
+    let store = store(&[spans(0, 100, 8)], vec![spans(100, 10, 8)]).await;
+    let engine = QueryEngine::new(
+        store,
+        None,
+        Arc::new(PriceTable::default()),
+        &QueryConfig::default(),
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    let id = |t: u32| format!("{t:08x}{}", "0".repeat(24));
+    for (trace, errors) in [(7, 0), (4, 1), (104, 1), (105, 0)] {
+        let sql = format!(
+            "SELECT trace_id, root_span_name, span_count, error_count, llm_calls FROM traces \
+             WHERE trace_id = '{}'",
+            id(trace)
+        );
+        let plan = engine.context().sql(&sql).await.unwrap().create_physical_plan().await.unwrap();
+        let shown = display(&plan);
+        // Traces 100.. are only in memory: the trace index then leaves no file to scan.
+        let scan = shown.lines().find(|l| l.contains("file_type=parquet"));
+        assert_eq!(scan.is_some(), trace < 100, "{shown}");
+        let pushed = format!("predicate=trace_id@0 = {}", id(trace));
+        assert!(scan.is_none_or(|s| s.contains(&pushed)), "{shown}");
+        let result = engine.sql(&sql).await.unwrap();
+        let rows: Vec<_> = result.batches.iter().filter(|b| b.num_rows() > 0).collect();
+        assert_eq!(result.num_rows(), 1, "{trace}");
+        let b = rows[0];
+        let text = |c: usize| {
+            let c = datafusion::arrow::compute::cast(b.column(c), &DataType::Utf8).unwrap();
+            c.as_string::<i32>().value(0).to_owned()
+        };
+        assert_eq!(text(0), id(trace));
+        assert_eq!(text(1), "agent");
+        assert_eq!(b.column(2).as_primitive::<Int64Type>().value(0), 8);
+        assert_eq!(b.column(3).as_primitive::<Int64Type>().value(0), errors);
+        assert_eq!(b.column(4).as_primitive::<Int64Type>().value(0), 7);
+    }
+    let all = engine.sql("SELECT count(*), count(DISTINCT trace_id) FROM traces").await.unwrap();
+    let b = all.batches.iter().find(|b| b.num_rows() > 0).unwrap();
+    assert_eq!(b.column(0).as_primitive::<Int64Type>().value(0), 110);
+    assert_eq!(b.column(1).as_primitive::<Int64Type>().value(0), 110);
+    let err = engine.sql("SELECT trace_key('4BF92F3577B34DA6A3CE929D0E0E4736')").await.unwrap_err();
+    assert!(err.to_string().contains("is not a trace id (32 lowercase hex digits)"), "{err}");
 }
