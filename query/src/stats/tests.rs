@@ -72,6 +72,19 @@ async fn store(files: &[RecordBatch], memory: Vec<RecordBatch>) -> Arc<SpanStore
     Arc::new(store)
 }
 
+/// A query engine over `store` with default settings.
+async fn engine(store: Arc<SpanStore>) -> QueryEngine {
+    QueryEngine::new(
+        store,
+        None,
+        Arc::new(PriceTable::default()),
+        &QueryConfig::default(),
+        Arc::default(),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn estimates_count_rows_traces_and_times_of_files_and_batches() {
     let store = store(&[spans(0, 100, 5), spans(100, 60, 5)], vec![spans(160, 10, 5)]).await;
@@ -109,16 +122,7 @@ async fn joins_with_the_traces_view_build_from_the_traces() {
         (vec![spans(0, 100, 8), spans(100, 100, 8)], vec![spans(200, 20, 8)]),
         (vec![], vec![spans(0, 200, 8)]),
     ] {
-        let store = store(&files, memory.clone()).await;
-        let engine = QueryEngine::new(
-            store,
-            None,
-            Arc::new(PriceTable::default()),
-            &QueryConfig::default(),
-            Arc::default(),
-        )
-        .await
-        .unwrap();
+        let engine = engine(store(&files, memory.clone()).await).await;
         let plan = engine.context().sql(sql).await.unwrap().create_physical_plan().await.unwrap();
         let join = find::<HashJoinExec>(&plan).expect("a hash join");
         let build_aggregates = find::<AggregateExec>(join.left()).is_some();
@@ -150,16 +154,7 @@ fn display(plan: &Arc<dyn ExecutionPlan>) -> String {
 /// reaches the scan as a filter on the stored column, and the rows are those of the trace.
 #[tokio::test]
 async fn traces_by_id_filter_the_scan_on_the_stored_trace_id() {
-    let store = store(&[spans(0, 100, 8)], vec![spans(100, 10, 8)]).await;
-    let engine = QueryEngine::new(
-        store,
-        None,
-        Arc::new(PriceTable::default()),
-        &QueryConfig::default(),
-        Arc::default(),
-    )
-    .await
-    .unwrap();
+    let engine = engine(store(&[spans(0, 100, 8)], vec![spans(100, 10, 8)]).await).await;
     let id = |t: u32| format!("{t:08x}{}", "0".repeat(24));
     for (trace, errors) in [(7, 0), (4, 1), (104, 1), (105, 0)] {
         let sql = format!(
