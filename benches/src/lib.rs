@@ -85,6 +85,8 @@ pub struct Generator {
     /// Generated spans spread over this many nanoseconds.
     pub spread_ns: u64,
     spans: u64,
+    text_scale: f64,
+    ordered_total: Option<u64>,
 }
 
 impl Generator {
@@ -96,7 +98,23 @@ impl Generator {
             start_ns,
             spread_ns: spread_ns.max(1),
             spans: 0,
+            text_scale: 1.0,
+            ordered_total: None,
         }
+    }
+
+    /// Prompts, completions, questions and tool results `scale` times their usual size (to
+    /// fit a large data set on a small disk; the default is 1).
+    pub fn with_text_scale(mut self, scale: f64) -> Self {
+        self.text_scale = scale.max(0.0);
+        self
+    }
+
+    /// Traces start in the order they are generated, spread evenly over the window for `total`
+    /// spans, as a live fleet sends them (by default each starts at a random point of it).
+    pub fn in_time_order(mut self, total: u64) -> Self {
+        self.ordered_total = Some(total.max(1));
+        self
     }
 
     fn id<const N: usize>(&mut self) -> Vec<u8> {
@@ -107,6 +125,7 @@ impl Generator {
     }
 
     fn text(&mut self, bytes: usize) -> String {
+        let bytes = (bytes as f64 * self.text_scale) as usize;
         let mut out = String::with_capacity(bytes + 16);
         while out.len() < bytes {
             out.push_str(WORDS[self.rng.random_range(0..WORDS.len())]);
@@ -117,7 +136,14 @@ impl Generator {
 
     /// The spans of one trace (one agent run, or ten small spans).
     pub fn trace(&mut self) -> Vec<otlp::Span> {
-        let start = self.start_ns + self.rng.random_range(0..self.spread_ns);
+        let start = self.start_ns
+            + match self.ordered_total {
+                Some(total) => {
+                    (u128::from(self.spread_ns) * u128::from(self.spans.min(total))
+                        / u128::from(total)) as u64
+                }
+                None => self.rng.random_range(0..self.spread_ns),
+            };
         let spans = match self.mix {
             Mix::Small => self.small_trace(start),
             Mix::Llm => self.agent_run(start),
@@ -405,5 +431,26 @@ mod tests {
         let bytes: usize = reqs.iter().map(Vec::len).sum();
         // About 300 bytes per small span on the wire... give or take the encoding.
         assert!((150..450).contains(&(bytes / 1000)), "{} bytes per span", bytes / 1000);
+    }
+
+    #[test]
+    fn time_order_and_text_scale() {
+        let (start, spread) = (1_000_000_000_000u64, 3_600_000_000_000u64);
+        let mut g = Generator::new(Mix::Llm, 7, start, spread).in_time_order(10_000);
+        let mut roots = vec![];
+        while g.spans() < 10_000 {
+            roots.push(g.trace()[0].start_time_unix_nano);
+        }
+        assert!(roots.is_sorted(), "traces start in the order they are generated");
+        assert_eq!(roots[0], start);
+        assert!(roots.iter().all(|&t| t < start + spread));
+        assert!(*roots.last().unwrap() > start + spread * 9 / 10);
+
+        let size = |scale: f64| -> usize {
+            let mut g = Generator::new(Mix::Llm, 7, start, spread).with_text_scale(scale);
+            g.requests(200, 5_000, "svc").iter().map(Vec::len).sum()
+        };
+        let (full, quarter) = (size(1.0), size(0.25));
+        assert!(quarter * 2 < full && quarter * 5 > full, "{quarter} of {full} bytes");
     }
 }

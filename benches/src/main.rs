@@ -97,6 +97,18 @@ struct IngestArgs {
     /// Keep the data in this directory (for the query benchmark) instead of a temporary one.
     #[arg(long)]
     keep_data: Option<PathBuf>,
+    /// Scale of prompt, completion and tool-result sizes (1 = the mix's sizes).
+    #[arg(long, default_value_t = 1.0)]
+    text_scale: f64,
+    /// Spans start this many hours before now...
+    #[arg(long, default_value_t = 0.5)]
+    hours_ago: f64,
+    /// ...and are spread over this many hours.
+    #[arg(long, default_value_t = 0.5)]
+    spread_hours: f64,
+    /// Traces start in the order they are sent (a live fleet), not at random in the window.
+    #[arg(long)]
+    in_time_order: bool,
 }
 
 /// CPU time (user + system) of a process in seconds, from `/proc/PID/stat`.
@@ -187,7 +199,12 @@ impl tonic::codec::Codec for RawCodec {
 async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     // Generate up front.
     let t = Instant::now();
-    let mut g = Generator::new(a.mix, a.seed, now_ns() - 1_800_000_000_000, 1_800_000_000_000);
+    let hours = |h: f64| (h * 3_600e9) as u64;
+    let mut g = Generator::new(a.mix, a.seed, now_ns() - hours(a.hours_ago), hours(a.spread_hours))
+        .with_text_scale(a.text_scale);
+    if a.in_time_order {
+        g = g.in_time_order(a.spans);
+    }
     let requests: Vec<Bytes> = g
         .requests(a.spans_per_request, a.spans, "spanlake-bench")
         .into_iter()
