@@ -355,7 +355,10 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
             let mut k = 0u64;
             while next.load(Ordering::Relaxed) < total {
                 k += 1;
-                let mut g = Generator::new(Mix::Small, 1_000_000 + k, now_ns() - 1_000_000_000, 1);
+                // Seeded by the clock: a data directory kept from an earlier run already
+                // holds that run's markers, and a repeated id would count twice.
+                let seed = now_ns().wrapping_add(k);
+                let mut g = Generator::new(Mix::Small, seed, now_ns() - 1_000_000_000, 1);
                 let mut spans = g.trace();
                 spans.truncate(1);
                 let trace_id = hex::encode(&spans[0].trace_id);
