@@ -329,6 +329,8 @@ pub struct QuerySettings {
     pub target_partitions: Option<usize>,
     /// Evaluate filters while decoding Parquet (late materialisation).
     pub pushdown_filters: bool,
+    /// Memory for Parquet footers kept between queries (shared by all projects).
+    pub metadata_cache: ByteSize,
 }
 
 impl Default for QuerySettings {
@@ -340,6 +342,7 @@ impl Default for QuerySettings {
             timeout: HumanDuration(q.timeout),
             target_partitions: None,
             pushdown_filters: q.pushdown_filters,
+            metadata_cache: ByteSize(q.metadata_cache_bytes as u64),
         }
     }
 }
@@ -491,6 +494,7 @@ impl Config {
             timeout: self.query.timeout.0,
             spill_dir: Some(self.data_dir.join("spill")),
             pushdown_filters: self.query.pushdown_filters,
+            metadata_cache_bytes: self.query.metadata_cache.0 as usize,
             ..Default::default()
         };
         if let Some(n) = self.query.target_partitions {
@@ -574,6 +578,9 @@ mod tests {
         assert_eq!(c.engine().memory_budget_bytes, 64 << 20);
         assert_eq!(c.engine().flush_max_age, Duration::from_secs(2));
         assert_eq!(c.location_url(), "file:///x");
+        assert_eq!(c.query().metadata_cache_bytes, 256 << 20);
+        let q: Config = toml::from_str("[query]\nmetadata_cache = \"1GiB\"\n").unwrap();
+        assert_eq!(q.query().metadata_cache_bytes, 1 << 30);
         let err = toml::from_str::<Config>("[storage]\nflush_age = \"2s\"\n").unwrap_err();
         assert!(err.to_string().contains("unknown field `flush_age`"), "{err}");
     }
