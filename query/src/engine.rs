@@ -48,8 +48,9 @@ pub struct QueryConfig {
     /// on wide rows (a trace id, a substring in prompts), costs on filters that keep most rows.
     pub pushdown_filters: bool,
     /// Memory for decoded Parquet footers kept between queries. A scan that finds a file's
-    /// footer here does not read and parse it again; at 100 M spans in 2,651 files the footers
-    /// take more than DataFusion's default 50 MB.
+    /// footer here does not read and parse it again. At 100 M spans in 2,651 files (18.5 MB
+    /// of encoded footers), DataFusion's default 50 MB left footer loading at 506 ms of a scan;
+    /// 256 MiB brought it to 80 ms.
     pub metadata_cache_bytes: usize,
 }
 

@@ -133,11 +133,12 @@ impl ScalarUDFImpl for TraceKey {
         for (row, &view) in ids.views().iter().enumerate() {
             // A 32-byte value lives in a data buffer; shorter ones (never an id) are inline.
             let view = ByteView::from(view);
+            let offset = view.offset as usize;
             let id = match buffers.get(view.buffer_index as usize) {
-                Some(b) if view.length == 32 => b.get(view.offset as usize..).unwrap_or_default(),
+                Some(b) if view.length == 32 => b.get(offset..offset + 32).unwrap_or_default(),
                 _ => &[],
             };
-            match key_of(id.get(..32).unwrap_or(id)) {
+            match key_of(id) {
                 Some(k) => keys.push(k),
                 None if ids.is_null(row) => keys.push(0),
                 None => {
