@@ -226,6 +226,7 @@ impl QueryEngine {
                 .with_runtime_env(runtime)
                 .with_default_features()
                 .with_physical_optimizer_rules(rules)
+                .with_optimizer_rule(Arc::new(crate::trace_group::GroupByTraceKey))
                 .build(),
         );
         let url = ObjectStoreUrl::parse(STORE_URL)?;

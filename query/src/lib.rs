@@ -34,6 +34,7 @@ pub mod replay;
 pub mod stats;
 pub mod tempo;
 pub mod trace;
+pub mod trace_group;
 pub mod trace_key;
 
 pub use engine::{

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::ByteView;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray as _, Decimal128Array, StringViewBuilder};
-use datafusion::arrow::datatypes::{DataType, Decimal128Type};
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Field, FieldRef};
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TreeNode as _};
 use datafusion::common::{ScalarValue, exec_err, plan_err};
@@ -30,7 +30,8 @@ use datafusion::error::Result;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
 };
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_expr::expressions::Column;
@@ -120,6 +121,10 @@ impl ScalarUDFImpl for TraceKey {
         Ok(KEY_TYPE)
     }
 
+    fn return_field_from_args(&self, args: ReturnFieldArgs<'_>) -> Result<FieldRef> {
+        Ok(Arc::new(Field::new(self.name(), KEY_TYPE, nullable(&args))))
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let [arg] = args.args.as_slice() else {
             return exec_err!("trace_key takes one argument");
@@ -180,6 +185,10 @@ impl ScalarUDFImpl for TraceKeyHex {
         Ok(DataType::Utf8View)
     }
 
+    fn return_field_from_args(&self, args: ReturnFieldArgs<'_>) -> Result<FieldRef> {
+        Ok(Arc::new(Field::new(self.name(), DataType::Utf8View, nullable(&args))))
+    }
+
     fn simplify(&self, args: Vec<Expr>, _info: &SimplifyContext) -> Result<ExprSimplifyResult> {
         match args.as_slice() {
             [Expr::ScalarFunction(ScalarFunction { func, args: inner })]
@@ -213,6 +222,12 @@ impl ScalarUDFImpl for TraceKeyHex {
         }
         scalar_if(arg, Arc::new(ids.finish()))
     }
+}
+
+/// A key or id is null exactly when its argument is, so a non-null stored `trace_id` keeps
+/// its non-null field through `trace_key` and back (the grouping rewrite relies on it).
+fn nullable(args: &ReturnFieldArgs<'_>) -> bool {
+    args.arg_fields.iter().any(|f| f.is_nullable())
 }
 
 /// `array` as the result of a call on `arg`: a scalar when the argument was one.

@@ -190,3 +190,80 @@ async fn traces_by_id_filter_the_scan_on_the_stored_trace_id() {
     let err = engine.sql("SELECT trace_key('4BF92F3577B34DA6A3CE929D0E0E4736')").await.unwrap_err();
     assert!(err.to_string().contains("is not a trace id (32 lowercase hex digits)"), "{err}");
 }
+
+/// The rows of a one-text-column, one-integer-column result, in order.
+fn text_counts(result: &crate::QueryResult) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for b in &result.batches {
+        let text = datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+        let text = text.as_string::<i32>();
+        let n = b.column(1).as_primitive::<Int64Type>();
+        out.extend((0..b.num_rows()).map(|i| (text.value(i).to_owned(), n.value(i))));
+    }
+    out
+}
+
+/// A grouping by the stored trace id runs on `trace_key`, in files and in memory, and gives the
+/// rows the text grouping gives; groupings by anything else are left alone.
+#[tokio::test]
+async fn groupings_by_the_stored_trace_id_run_on_the_key() {
+    let engine = engine(store(&[spans(0, 100, 8)], vec![spans(100, 10, 8)]).await).await;
+    let id = |t: u32| format!("{t:08x}{}", "0".repeat(24));
+    let uses_key = |plan: &Arc<dyn ExecutionPlan>| {
+        display(plan).lines().any(|l| l.contains("AggregateExec") && l.contains(" as __trace_key_"))
+    };
+    let cases: [(&str, Vec<(String, i64)>); 6] = [
+        (
+            "SELECT trace_id, count(*) AS n FROM spans GROUP BY trace_id ORDER BY trace_id",
+            (0..110).map(|t| (id(t), 8)).collect(),
+        ),
+        // Renamed, qualified, filtered and cut by HAVING, ORDER BY and LIMIT.
+        (
+            "SELECT x.trace_id AS t, count(*) FILTER (WHERE status_code = 'error') AS e \
+             FROM (SELECT * FROM spans WHERE span_type = 'llm') x GROUP BY x.trace_id \
+             HAVING count(*) FILTER (WHERE status_code = 'error') > 0 ORDER BY t DESC LIMIT 3",
+            [108, 104, 100].into_iter().map(|t| (id(t), 1)).collect(),
+        ),
+        // Through a join with the traces view, grouped by the spans side.
+        (
+            "SELECT s.trace_id, count(*) FROM spans s JOIN traces t ON s.trace_id = t.trace_id \
+             WHERE t.error_count > 0 AND s.span_type = 'llm' GROUP BY s.trace_id ORDER BY 1",
+            (0..110).filter(|t| t % 4 == 0).map(|t| (id(t), 7)).collect(),
+        ),
+        // One of two keys.
+        (
+            "SELECT trace_id, count(*) FROM spans WHERE trace_id < '00000002' \
+             GROUP BY span_type, trace_id ORDER BY trace_id, count(*)",
+            vec![(id(0), 1), (id(0), 7), (id(1), 1), (id(1), 7)],
+        ),
+        // Grouped twice, beside a scalar subquery (planned on its own).
+        (
+            "SELECT t.trace_id, count(*) FROM (SELECT trace_id, count(*) AS n FROM spans \
+             GROUP BY trace_id) t WHERE n > (SELECT count(*) FROM spans) / 1000 \
+             GROUP BY t.trace_id ORDER BY 1",
+            (0..110).map(|t| (id(t), 1)).collect(),
+        ),
+        // count(DISTINCT ...) is planned as a grouping by the column.
+        ("SELECT 'traces', count(DISTINCT trace_id) FROM spans", vec![("traces".to_owned(), 110)]),
+    ];
+    for (sql, expected) in cases {
+        let plan = engine.context().sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        assert!(uses_key(&plan), "{sql}\n{}", display(&plan));
+        assert_eq!(text_counts(&engine.sql(sql).await.unwrap()), expected, "{sql}");
+    }
+    // Not the stored column: grouped by its text as written.
+    for (sql, rows) in [
+        ("SELECT lower(trace_id), count(*) FROM spans GROUP BY 1", 110),
+        ("SELECT trace_id, count(*) FROM traces GROUP BY trace_id", 110),
+        ("SELECT span_id, count(*) FROM spans GROUP BY span_id", 880),
+        (
+            "SELECT trace_id, count(*) FROM (SELECT concat(trace_id, '') AS trace_id FROM spans) x \
+             GROUP BY trace_id",
+            110,
+        ),
+    ] {
+        let plan = engine.context().sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        assert!(!uses_key(&plan), "{sql}\n{}", display(&plan));
+        assert_eq!(engine.sql(sql).await.unwrap().num_rows(), rows, "{sql}");
+    }
+}

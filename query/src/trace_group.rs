@@ -1,0 +1,169 @@
+//! Groupings by the stored trace id run on its 128-bit key.
+//!
+//! `SELECT trace_id, sum(cost_usd) FROM spans GROUP BY trace_id` is how analysts ask for
+//! per-trace figures. Grouping by the 32-character text hashes and compares 32 bytes per span
+//! and keeps every new id's bytes in the hash table; at 100 M spans (10 M traces) that made the
+//! grouping the slowest query of the benchmark suite. [`GroupByTraceKey`] rewrites a grouping
+//! by the stored `spans.trace_id` column into a grouping by `trace_key(trace_id)` (one
+//! `Decimal128`, a primitive hash table) and names each group `trace_key_hex(key)` again above
+//! it, under the column's own name and qualifier, so the rest of the plan and the result are
+//! unchanged.
+//!
+//! The rewrite is exact only for canonical ids, which is why it applies only to the stored
+//! column: ingest writes every `trace_id` from its 16 bytes as 32 lowercase hex digits and
+//! refuses spans whose id has another length (see `spanlake_ingest::normalize`), so
+//! `trace_key` maps the column's values one to one. A grouping by anything else (an expression,
+//! another table's column, the `traces` view's output) is left as it is.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::tree_node::Transformed;
+use datafusion::common::{Column, Result};
+use datafusion::datasource::source_as_provider;
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::{Aggregate, Expr, JoinType, LogicalPlan, Projection};
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
+
+use crate::provider::SpansTable;
+
+/// The logical optimizer rule; see the module docs.
+#[derive(Debug, Default)]
+pub struct GroupByTraceKey;
+
+/// The name of the `i`-th group key after the rewrite.
+fn key_name(i: usize) -> String {
+    format!("__trace_key_{i}")
+}
+
+impl OptimizerRule for GroupByTraceKey {
+    fn name(&self) -> &str {
+        "group_by_trace_key"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::BottomUp)
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        let LogicalPlan::Aggregate(agg) = plan else { return Ok(Transformed::no(plan)) };
+        let keys: Vec<usize> = if agg.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
+            Vec::new()
+        } else {
+            (0..agg.group_expr.len()).filter(|&i| is_stored_trace_id(&agg, i)).collect()
+        };
+        if keys.is_empty() {
+            return Ok(Transformed::no(LogicalPlan::Aggregate(agg)));
+        }
+        let trace_key = Arc::new(crate::trace_key::trace_key());
+        let trace_key_hex = Arc::new(crate::trace_key::trace_key_hex());
+        let group_expr = agg
+            .group_expr
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if !keys.contains(&i) {
+                    return e.clone();
+                }
+                let column = match e {
+                    Expr::Alias(a) => a.expr.as_ref().clone(),
+                    e => e.clone(),
+                };
+                Expr::ScalarFunction(ScalarFunction::new_udf(Arc::clone(&trace_key), vec![column]))
+                    .alias(key_name(i))
+            })
+            .collect();
+        let grouped =
+            Aggregate::try_new(Arc::clone(&agg.input), group_expr, agg.aggr_expr.clone())?;
+        // The aggregate's fields again, in order, under their names and qualifiers.
+        let names = grouped
+            .schema
+            .iter()
+            .zip(agg.schema.iter())
+            .enumerate()
+            .map(|(i, ((new_q, new_f), (q, f)))| {
+                let field = Expr::Column(Column::new(new_q.cloned(), new_f.name()));
+                if keys.contains(&i) {
+                    let hex = ScalarFunction::new_udf(Arc::clone(&trace_key_hex), vec![field]);
+                    Expr::ScalarFunction(hex).alias_qualified(q.cloned(), f.name())
+                } else {
+                    field
+                }
+            })
+            .collect();
+        let projection = Projection::try_new(names, Arc::new(LogicalPlan::Aggregate(grouped)))?;
+        Ok(Transformed::yes(LogicalPlan::Projection(projection)))
+    }
+}
+
+/// Whether the aggregate's `i`-th group expression is the stored trace id of spans (the
+/// column, possibly renamed).
+fn is_stored_trace_id(agg: &Aggregate, i: usize) -> bool {
+    let column = match &agg.group_expr[i] {
+        Expr::Column(c) => c,
+        Expr::Alias(a) => match a.expr.as_ref() {
+            Expr::Column(c) => c,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    agg.schema.field(i).data_type() == &DataType::Utf8View
+        && agg.input.schema().index_of_column(column).is_ok_and(|at| stored(&agg.input, at))
+}
+
+/// Whether the `index`-th output column of `plan` is spans' `trace_id` as stored: the scanned
+/// column passed up unchanged through renames, filters, sorts, limits, joins and unions.
+fn stored(plan: &LogicalPlan, index: usize) -> bool {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            scan.projected_schema.fields().get(index).is_some_and(|f| f.name() == "trace_id")
+                && source_as_provider(&scan.source).is_ok_and(|p| p.is::<SpansTable>())
+        }
+        LogicalPlan::Projection(p) => {
+            let mut expr = p.expr.get(index);
+            while let Some(Expr::Alias(a)) = expr {
+                expr = Some(a.expr.as_ref());
+            }
+            match expr {
+                Some(Expr::Column(c)) => {
+                    p.input.schema().index_of_column(c).is_ok_and(|at| stored(&p.input, at))
+                }
+                _ => false,
+            }
+        }
+        // Same columns as their input, in the same order.
+        LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Repartition(_) => {
+            let [input] = plan.inputs()[..] else { return false };
+            stored(input, index)
+        }
+        LogicalPlan::Join(join) => {
+            let left = join.left.schema().fields().len();
+            let right = join.right.schema().fields().len();
+            match join.join_type {
+                JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
+                    if index < left {
+                        stored(&join.left, index)
+                    } else {
+                        stored(&join.right, index - left)
+                    }
+                }
+                JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => {
+                    index < left && stored(&join.left, index)
+                }
+                JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => {
+                    index < right && stored(&join.right, index)
+                }
+            }
+        }
+        LogicalPlan::Union(union) => union.inputs.iter().all(|input| stored(input, index)),
+        _ => false,
+    }
+}
