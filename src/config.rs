@@ -300,6 +300,9 @@ pub struct CompactionSettings {
     pub target_file_size: ByteSize,
     /// Memory one compaction job may use for its decoded input.
     pub max_input_memory: ByteSize,
+    /// A past hour no flush has added a file to for this long is merged whole instead of in
+    /// size tiers.
+    pub settle_after: HumanDuration,
 }
 
 impl Default for CompactionSettings {
@@ -311,6 +314,7 @@ impl Default for CompactionSettings {
             min_files: m.min_files,
             target_file_size: ByteSize(m.target_file_bytes),
             max_input_memory: ByteSize(m.max_input_bytes),
+            settle_after: HumanDuration(m.settle_after),
         }
     }
 }
@@ -478,6 +482,7 @@ impl Config {
             min_files: c.min_files,
             target_file_bytes: c.target_file_size.0,
             max_input_bytes: c.max_input_memory.0,
+            settle_after: c.settle_after.0,
             retention: s.retention.map(|r| r.0),
             file_delete_delay: s.file_delete_delay.0,
             // As often as orphans can become collectable, at most hourly.

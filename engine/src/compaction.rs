@@ -50,10 +50,13 @@ pub struct MaintenanceConfig {
     pub min_files: usize,
     /// Size of the files compaction writes.
     pub target_file_bytes: u64,
-    /// Arrow memory one compaction job may read at once (its input files decoded). A job
-    /// charges twice its input to the engine's memory budget while it runs, and is capped at a
-    /// quarter of the budget.
+    /// Arrow memory one compaction job may read at once (its input files decoded), capped at an
+    /// eighth of the memory budget. A job charges its working set to the budget while it runs:
+    /// twice its decoded input plus twice its input files' size (see `working_set`).
     pub max_input_bytes: u64,
+    /// A past partition no flush has added a file to for this long is merged whole (up to the
+    /// job size) instead of in size tiers: nothing more is arriving that tiering would wait for.
+    pub settle_after: Duration,
     /// Spans older than this are removed, whole hour partitions at a time. `None` keeps all.
     pub retention: Option<Duration>,
     /// Files out of the catalog are deleted this long after, so that running queries finish.
@@ -70,6 +73,7 @@ impl Default for MaintenanceConfig {
             min_files: 8,
             target_file_bytes: 128 << 20,
             max_input_bytes: 256 << 20,
+            settle_after: Duration::from_secs(600),
             retention: None,
             file_delete_delay: Duration::from_secs(60),
             orphan_interval: Duration::from_secs(3600),
@@ -93,12 +97,31 @@ fn mem_estimate(f: &DataFile) -> u64 {
     if f.mem_bytes > 0 { f.mem_bytes } else { f.size.saturating_mul(8) }
 }
 
-/// Chooses compaction jobs: in each (project, hour) partition, the files smaller than half the
-/// target, oldest first, as long as their decoded size fits `max_input_bytes`.
+/// Memory a job over `inputs` holds at its peak, as charged to the memory budget: the decoded
+/// inputs and their sorted copy, the Parquet bytes of the file being decoded and the encoded
+/// output (about the size of the inputs' files) waiting to be written.
+fn working_set(inputs: &[Arc<DataFile>]) -> u64 {
+    inputs.iter().map(|f| mem_estimate(f).saturating_mul(2).saturating_add(f.size * 2)).sum()
+}
+
+/// A file joins the smaller files chosen before it when it is at most this many times their
+/// size together (see [`plan`]).
+const TIER_RATIO: u64 = 2;
+
+/// Chooses compaction jobs: in each (project, hour) partition, among the files smaller than half
+/// the target, smallest first, each file that is at most [`TIER_RATIO`] times the size of those
+/// chosen before it together (size tiers), as long as their decoded size fits `max_input_bytes`.
+///
+/// Size tiers keep a backfill cheap: writing past hours adds a small file to every hour each
+/// flush, and merging each into the hour's whole compacted file would rewrite the hour once per
+/// flush. With tiers a span is rewritten about log2(files) times, and a partition holds about
+/// as many files until it settles ([`MaintenanceConfig::settle_after`]), when its files are
+/// merged whole.
 pub fn plan(
     files: &[Arc<DataFile>],
     config: &MaintenanceConfig,
     current_hour: i64,
+    now_ms: i64,
 ) -> Vec<CompactionJob> {
     let mut by_partition: BTreeMap<(&str, i64), Vec<&Arc<DataFile>>> = BTreeMap::new();
     for f in files {
@@ -106,21 +129,31 @@ pub fn plan(
             by_partition.entry((f.project.as_str(), f.hour)).or_default().push(f);
         }
     }
+    let settled_ms = i64::try_from(config.settle_after.as_millis()).unwrap_or(i64::MAX);
     let mut jobs = Vec::new();
     for ((project, hour), mut small) in by_partition {
         let needed = if hour >= current_hour { config.min_files.max(2) } else { 2 };
         if small.len() < needed {
             continue;
         }
-        small.sort_by_key(|f| (f.created_ms, f.path.clone()));
+        // Settled: no flush has added a file for a while (compaction's own outputs do not count,
+        // or each capped merge of a large hour would restart the wait).
+        let newest = small.iter().filter(|f| f.level == 0).map(|f| f.created_ms).max();
+        let settled =
+            hour < current_hour && newest.is_none_or(|n| now_ms.saturating_sub(n) >= settled_ms);
+        small.sort_by_key(|f| (f.size, f.created_ms, f.path.clone()));
         let mut inputs = Vec::new();
-        let mut bytes = 0u64;
+        let (mut bytes, mut mem) = (0u64, 0u64);
         for f in small {
             let m = mem_estimate(f);
-            if inputs.len() >= 2 && bytes + m > config.max_input_bytes {
+            if inputs.len() >= 2 && mem + m > config.max_input_bytes {
                 break;
             }
-            bytes += m;
+            if !inputs.is_empty() && !settled && f.size > bytes.saturating_mul(TIER_RATIO) {
+                break;
+            }
+            bytes += f.size;
+            mem += m;
             inputs.push(Arc::clone(f));
         }
         if inputs.len() >= 2 {
@@ -147,6 +180,11 @@ pub struct MaintenanceGuard<'a>(
 
 fn now_hour() -> i64 {
     HourPartition::of_ns(chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)).epoch_hour
+}
+
+/// Bytes of Arrow memory `batches` hold.
+fn batches_memory(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
 }
 
 impl Engine {
@@ -188,29 +226,72 @@ impl Engine {
     }
 
     /// Runs every compaction job due now. Returns the number of input files merged.
+    ///
+    /// Compaction's memory comes out of the one memory budget. A job is started only when its
+    /// working set can be reserved (so ingest backs off while it runs) and the process's
+    /// resident memory leaves room for it; otherwise it waits for a later round, while its
+    /// files stay queryable as they are. After each job the memory it freed is handed back to
+    /// the OS, since it is not about to be used again.
     pub async fn compact(&self) -> Result<usize> {
         let guard = self.maintenance_guard().await;
-        // Compaction's memory comes out of the one memory budget: a job's decoded input (and
-        // its sorted copy) may take at most half of it.
         let mut config = self.config.maintenance.clone();
-        config.max_input_bytes = config.max_input_bytes.min(self.budget.limit() / 4);
-        let jobs = plan(&self.store.files(), &config, now_hour());
+        config.max_input_bytes = config.max_input_bytes.min(self.budget.limit() / 8);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let jobs = plan(&self.store.files(), &config, now_hour(), now_ms);
         let mut merged = 0;
+        let mut collected = false;
         for job in jobs {
-            let charge = job.inputs.iter().map(|f| mem_estimate(f)).sum::<u64>().saturating_mul(2);
-            if self.budget.try_reserve(charge).is_err() {
+            let charge = working_set(&job.inputs);
+            if !self.room_for(charge, &mut collected).await {
+                self.metrics.compactions_deferred.add(1);
                 tracing::debug!(
                     hour = job.hour,
                     charge,
-                    "compaction waits: the memory budget is in use by ingest"
+                    resident = self.budget.resident(),
+                    used = self.budget.used(),
+                    "compaction waits: no room in the memory budget"
                 );
                 continue;
             }
             let done = self.compact_job(&guard, job).await;
             self.budget.release(charge);
+            self.release_memory().await;
             merged += done?;
         }
         Ok(merged)
+    }
+
+    /// Reserves `charge` bytes of the budget for a maintenance job, when both the budget and
+    /// the process's resident memory have room for them (the latter only counts while ingest
+    /// holds more than a quarter of the budget, as for ingest's own admission). Freed memory the allocator still holds
+    /// may be what is in the way: it is handed back once per round (`collected`) before a job
+    /// is put off.
+    async fn room_for(&self, charge: u64, collected: &mut bool) -> bool {
+        let limit = self.budget.limit();
+        // Only while ingest holds something to flush does waiting bring resident memory down;
+        // otherwise what is resident (queries, caches) is not compaction's to wait for, and
+        // waiting would put compaction off for good.
+        if self.budget.resident().saturating_add(charge) > limit && self.budget.used() > limit / 4 {
+            if *collected {
+                return false;
+            }
+            *collected = true;
+            self.release_memory().await;
+            if let Some(now) = crate::budget::resident_bytes() {
+                self.budget.set_resident(now);
+            }
+            if self.budget.resident().saturating_add(charge) > limit {
+                return false;
+            }
+        }
+        self.budget.try_reserve(charge).is_ok()
+    }
+
+    /// Hands memory the allocator holds freed back to the OS (when the server gave a way to).
+    pub(crate) async fn release_memory(&self) {
+        if let Some(release) = self.config.release_memory {
+            let _ = on_cpu(release).await;
+        }
     }
 
     async fn compact_job(
@@ -223,6 +304,12 @@ impl Engine {
         for f in &job.inputs {
             batches.extend(self.read_file(f).await?);
         }
+        // The job was charged for its inputs as recorded at their flush; decoded pages can take
+        // more (buffers grown while reading). Charge the difference, twice (for the sorted copy),
+        // until the job ends.
+        let estimated: u64 = job.inputs.iter().map(|f| mem_estimate(f)).sum();
+        let decoded = batches_memory(&batches);
+        let _extra = self.budget.hold(decoded.saturating_sub(estimated) * 2);
         let in_rows: u64 = job.inputs.iter().map(|f| f.rows).sum();
         let in_bytes: u64 = job.inputs.iter().map(|f| f.size).sum();
         let level = job.inputs.iter().map(|f| f.level).max().unwrap_or(0).saturating_add(1);
@@ -450,7 +537,7 @@ mod tests {
             file("c4", 12, 100, 4),
         ];
         // Hour 12 is current: it needs 3 small files; the older partitions need 2.
-        let jobs = plan(&files, &config, 12);
+        let jobs = plan(&files, &config, 12, 0);
         let got: Vec<(i64, Vec<&str>)> = jobs
             .iter()
             .map(|j| (j.hour, j.inputs.iter().map(|f| f.path.as_str()).collect()))
@@ -460,7 +547,55 @@ mod tests {
             got,
             vec![(10, vec!["a2", "a1"]), (11, vec!["b1", "b2"]), (12, vec!["c1", "c2"])]
         );
-        let jobs = plan(&files[3..5], &config, 11);
+        let jobs = plan(&files[3..5], &config, 11, 0);
         assert!(jobs.is_empty(), "the current hour waits for min_files");
+    }
+
+    /// A past hour's small files merge in size tiers (a file joins those smaller than it when it
+    /// is at most twice their size together) until the partition settles; then whole.
+    #[test]
+    fn plans_size_tiers_until_a_partition_settles() {
+        let config = MaintenanceConfig {
+            target_file_bytes: 1000,
+            max_input_bytes: u64::MAX,
+            ..Default::default()
+        };
+        let files = vec![
+            file("h0", 10, 400, 1),
+            file("f1", 10, 10, 2),
+            file("f2", 10, 10, 3),
+            file("m", 10, 40, 6),
+            file("f3", 10, 10, 4),
+            file("f4", 10, 10, 5),
+        ];
+        let paths = |jobs: Vec<CompactionJob>| -> Vec<Vec<String>> {
+            jobs.iter().map(|j| j.inputs.iter().map(|f| f.path.clone()).collect()).collect()
+        };
+        // 10 + 10 + 10 + 10 = 40 takes the 40-byte file; 80 does not take the 400-byte one.
+        assert_eq!(paths(plan(&files, &config, 12, 6)), vec![vec!["f1", "f2", "f3", "f4", "m"]]);
+        // One small file beside a large one is no job; files of about one size are.
+        assert!(plan(&files[..2], &config, 12, 6).is_empty());
+        let uneven = [file("u1", 10, 11, 1), file("u2", 10, 10, 2), file("u3", 10, 45, 3)];
+        assert_eq!(paths(plan(&uneven, &config, 12, 6)), vec![vec!["u2", "u1"]]);
+        // Nothing new for settle_after: the whole partition, smallest first.
+        let settled = 6 + config.settle_after.as_millis() as i64;
+        assert_eq!(
+            paths(plan(&files, &config, 12, settled)),
+            vec![vec!["f1", "f2", "f3", "f4", "m", "h0"]]
+        );
+        assert_eq!(paths(plan(&files[..2], &config, 12, settled)), vec![vec!["f1", "h0"]]);
+        // A compaction output does not restart the wait; a flushed file does.
+        let mut merged = (*file("c", 10, 30, settled)).clone();
+        merged.level = 1;
+        let with_output = [files[0].clone(), files[1].clone(), Arc::new(merged)];
+        assert_eq!(paths(plan(&with_output, &config, 12, settled)), vec![vec!["f1", "c", "h0"]]);
+        let with_flush = [files[0].clone(), files[1].clone(), file("n", 10, 30, settled)];
+        assert!(plan(&with_flush, &config, 12, settled).is_empty());
+        // The current hour is never settled.
+        let two = MaintenanceConfig { min_files: 2, ..config.clone() };
+        assert!(plan(&files[..2], &two, 10, settled).is_empty());
+        // The job's decoded size still caps it (at least two files).
+        let capped = MaintenanceConfig { max_input_bytes: 100, ..config };
+        assert_eq!(paths(plan(&files, &capped, 12, settled)), vec![vec!["f1", "f2"]]);
     }
 }

@@ -151,6 +151,8 @@ pub struct EngineMetrics {
     pub compacted_files: Counter,
     /// Failed compaction jobs (retried at the next interval).
     pub compaction_errors: Counter,
+    /// Compaction jobs put off because the memory budget had no room for them.
+    pub compactions_deferred: Counter,
     /// Files removed by retention.
     pub retention_files: Counter,
     /// Spans removed by deletion requests.
@@ -203,6 +205,11 @@ impl EngineMetrics {
             "spanlake_compaction_errors_total",
             "Failed compaction jobs",
             self.compaction_errors.get(),
+        );
+        e.counter(
+            "spanlake_compactions_deferred_total",
+            "Compaction jobs put off for lack of room in the memory budget",
+            self.compactions_deferred.get(),
         );
         e.counter(
             "spanlake_retention_files_total",

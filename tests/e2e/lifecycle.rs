@@ -104,7 +104,7 @@ fn config_file(dir: &Path, file_delete_delay: &str, extra: &str) -> String {
     let path = dir.join("spanlake.toml");
     let text = format!(
         "version = 1\n[storage]\nflush_max_age = \"100ms\"\nfile_delete_delay = \"{file_delete_delay}\"\n\
-         orphan_grace = \"1s\"\n{extra}\n[compaction]\ninterval = \"300ms\"\nmin_files = 3\n"
+         orphan_grace = \"1s\"\n{extra}\n[compaction]\ninterval = \"300ms\"\nmin_files = 3\nsettle_after = \"1s\"\n"
     );
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
