@@ -33,7 +33,12 @@ const MI_OPTION_ALLOW_THP: std::ffi::c_int = 37;
 /// resident (1.2 GiB anonymous, 0.78 GiB of it in huge pages) against 999 MiB without them,
 /// and ingested faster (BENCHMARKS.md, eleventh session). Called first thing in `main`: the
 /// `prctl` covers the arena mimalloc has already reserved, the option its later ones.
+/// `SPANLAKE_HUGE_PAGES=1` leaves them on (read here, before the configuration: the arenas are
+/// reserved before any configuration is read).
 fn disable_transparent_huge_pages() {
+    if std::env::var_os("SPANLAKE_HUGE_PAGES").is_some_and(|v| v == "1") {
+        return;
+    }
     // SAFETY: setting an option is safe at any time; PR_SET_THP_DISABLE takes no pointers and
     // only sets a flag of this process.
     unsafe {

@@ -336,9 +336,9 @@ fn lookups_read_a_bounded_number_of_objects() {
         });
         server.stop();
         server.restart();
-        server.wait_for("trace index loaded", || {
-            server.metric("spanlake_trace_index_files") == partitions as f64
-        });
+        // The index is loaded before the server answers: a lookup right after a start does
+        // not open every file.
+        assert_eq!(server.metric("spanlake_trace_index_files"), partitions as f64);
         let id = trace_hex(target);
         let lookup = reads(server, || assert_eq!(trace_json(server, &id).1["span_count"], 4));
         let q = format!(
