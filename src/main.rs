@@ -14,10 +14,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 // mimalloc's collection and options (`mimalloc.h`), in the library the allocator above links.
+#[cfg(not(feature = "system-allocator"))]
 unsafe extern "C" {
     fn mi_collect(force: bool);
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
@@ -25,6 +27,7 @@ unsafe extern "C" {
 
 /// `mi_option_allow_thp` in mimalloc 2.3's `mi_option_t` (libmimalloc-sys names options only up
 /// to `mi_option_max_segment_reclaim`, 21).
+#[cfg(not(feature = "system-allocator"))]
 const MI_OPTION_ALLOW_THP: std::ffi::c_int = 37;
 
 /// Keeps the process's memory off transparent huge pages. mimalloc asks the kernel for huge
@@ -42,6 +45,7 @@ fn disable_transparent_huge_pages() {
     // SAFETY: setting an option is safe at any time; PR_SET_THP_DISABLE takes no pointers and
     // only sets a flag of this process.
     unsafe {
+        #[cfg(not(feature = "system-allocator"))]
         mi_option_set(MI_OPTION_ALLOW_THP, 0);
         #[cfg(target_os = "linux")]
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
@@ -56,7 +60,15 @@ fn disable_transparent_huge_pages() {
 /// session).
 pub(crate) fn release_allocator_memory() {
     // SAFETY: no arguments to uphold; collection is safe at any time from any thread.
-    unsafe { mi_collect(true) };
+    #[cfg(not(feature = "system-allocator"))]
+    unsafe {
+        mi_collect(true)
+    };
+    // SAFETY: as above, for glibc's allocator.
+    #[cfg(all(feature = "system-allocator", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// Storage engine and SQL backend for AI-agent traces.
