@@ -31,10 +31,11 @@ unsafe extern "C" {
 const MI_OPTION_ALLOW_THP: std::ffi::c_int = 37;
 
 /// Keeps the process's memory off transparent huge pages. mimalloc asks the kernel for huge
-/// pages on its arenas (`madvise`), and a 2 MiB page stays resident while any of it is in use:
-/// with data already on disk, an LLM backfill at a 1 GiB memory budget peaked at 1.27–1.79 GiB
-/// resident (1.2 GiB anonymous, 0.78 GiB of it in huge pages) against 999 MiB without them,
-/// and ingested faster (BENCHMARKS.md, eleventh session). Called first thing in `main`: the
+/// pages on its arenas (`madvise`), and a 2 MiB page stays resident while any of it is in use.
+/// An LLM backfill at a 1 GiB memory budget beside 550 stored files peaked at 1,268–1,794 MiB
+/// resident with them (1.2 GiB anonymous, 0.78 GiB in huge pages) and 993–999 MiB without;
+/// beside 2,900 files, 1,604/1,811 against 1,215/1,325 MiB, about 10 % faster (BENCHMARKS.md,
+/// eleventh session). Called first thing in `main`: the
 /// `prctl` covers the arena mimalloc has already reserved, the option its later ones.
 /// `SPANLAKE_HUGE_PAGES=1` leaves them on (read here, before the configuration: the arenas are
 /// reserved before any configuration is read).

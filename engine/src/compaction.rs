@@ -228,9 +228,9 @@ impl Engine {
     /// Runs every compaction job due now. Returns the number of input files merged.
     ///
     /// Compaction's memory comes out of the one memory budget. A job is started only when its
-    /// working set can be reserved (so ingest backs off while it runs) and the process's
-    /// resident memory leaves room for it; otherwise it waits for a later round, while its
-    /// files stay queryable as they are. After each job the memory it freed is handed back to
+    /// working set can be reserved (so ingest backs off while it runs) and, while ingest holds
+    /// over a quarter of the budget, the process's resident memory leaves room for it (see
+    /// `room_for`); otherwise it waits for a later round, while its files stay queryable. After each job the memory it freed is handed back to
     /// the OS, since it is not about to be used again.
     pub async fn compact(&self) -> Result<usize> {
         let guard = self.maintenance_guard().await;
@@ -263,9 +263,9 @@ impl Engine {
 
     /// Reserves `charge` bytes of the budget for a maintenance job, when both the budget and
     /// the process's resident memory have room for them (the latter only counts while ingest
-    /// holds more than a quarter of the budget, as for ingest's own admission). Freed memory the allocator still holds
-    /// may be what is in the way: it is handed back once per round (`collected`) before a job
-    /// is put off.
+    /// holds more than a quarter of the budget, as for ingest's own admission). Freed memory the
+    /// allocator still holds may be what is in the way: it is handed back once per round
+    /// (`collected`) before a job is put off.
     async fn room_for(&self, charge: u64, collected: &mut bool) -> bool {
         let limit = self.budget.limit();
         // Only while ingest holds something to flush does waiting bring resident memory down;
@@ -571,7 +571,8 @@ mod tests {
         let paths = |jobs: Vec<CompactionJob>| -> Vec<Vec<String>> {
             jobs.iter().map(|j| j.inputs.iter().map(|f| f.path.clone()).collect()).collect()
         };
-        // 10 + 10 + 10 + 10 = 40 takes the 40-byte file; 80 does not take the 400-byte one.
+        // 10 + 10 + 10 + 10 = 40 takes the 40-byte file (at most 2 x 40); 80 does not take the
+        // 400-byte one (over 2 x 80).
         assert_eq!(paths(plan(&files, &config, 12, 6)), vec![vec!["f1", "f2", "f3", "f4", "m"]]);
         // One small file beside a large one is no job; files of about one size are.
         assert!(plan(&files[..2], &config, 12, 6).is_empty());

@@ -353,22 +353,15 @@ impl Engine {
         // query right after start would open every file (and fill the footer cache with them:
         // 2,779 files took 400 ms and 350 MB). Wait for the index, up to a bound for stores
         // where loading takes long; past it, it goes on loading beside the server.
-        let loaded = tokio::time::timeout(INDEX_LOAD_WAIT, &mut index_loader).await.is_ok();
-        if !loaded {
-            tracing::warn!(wait = ?INDEX_LOAD_WAIT, "trace index still loading; lookups by trace id open more files until it is done");
+        let mut tasks = vec![sampler, flusher, refresher, maintainer];
+        if tokio::time::timeout(INDEX_LOAD_WAIT, &mut index_loader).await.is_err() {
+            tracing::warn!(
+                wait = ?INDEX_LOAD_WAIT,
+                "trace index still loading; lookups by trace id open more files until it is done"
+            );
+            tasks.push(index_loader);
         }
-        engine
-            .tasks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend([sampler, flusher, refresher, maintainer]);
-        if !loaded {
-            engine
-                .tasks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(index_loader);
-        }
+        engine.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(tasks);
         Ok(engine)
     }
 
