@@ -30,6 +30,10 @@ unsafe extern "C" {
 #[cfg(not(feature = "system-allocator"))]
 const MI_OPTION_ALLOW_THP: std::ffi::c_int = 37;
 
+/// `mi_option_purge_delay` in the same enum.
+#[cfg(not(feature = "system-allocator"))]
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
 /// Keeps the process's memory off transparent huge pages. mimalloc asks the kernel for huge
 /// pages on its arenas (`madvise`), and a 2 MiB page stays resident while any of it is in use.
 /// An LLM backfill at a 1 GiB memory budget beside 550 stored files peaked at 1,268–1,794 MiB
@@ -53,8 +57,25 @@ fn disable_transparent_huge_pages() {
     }
 }
 
-/// Gives the memory mimalloc holds freed back to the OS now, rather than after its purge delay
-/// (1 s). The engine calls it after a flush (which frees a slice of the memory table and its
+/// Has mimalloc hand freed memory back to the OS at once rather than after its purge delay
+/// (10 ms in mimalloc 2.x). A delayed purge is only carried out by the thread that owns the
+/// memory, at its next allocation, so memory freed on threads that then go idle (blocking-pool
+/// threads after a flush, the WAL thread between requests) stays resident. LLM backfills of 1 M
+/// spans beside 3,000 stored files at a 1 GiB budget peaked at 1,403 and 1,207 MiB resident
+/// with the delay and at 908–991 MiB without, as fast or faster; turning the delay off only
+/// while resident memory was high left 994–1,092 MiB, since purges already put off stay put off.
+/// Queries at 115 M spans ran as fast either way (BENCHMARKS.md, twelfth session).
+/// `MIMALLOC_PURGE_DELAY` in the environment takes precedence.
+fn purge_freed_memory_at_once() {
+    #[cfg(not(feature = "system-allocator"))]
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting an option is safe at any time from any thread.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+}
+
+/// Gives the memory mimalloc holds freed back to the OS now, including pages of threads that
+/// have gone idle (see [`purge_freed_memory_at_once`]). The engine calls it after a flush (which frees a slice of the memory table and its
 /// sorted copy at once) while resident memory holds ingest back. A shorter purge delay for
 /// everything did the same for ingest but slowed queries, which free and reuse large hash
 /// tables; collecting after every flush slowed small-span ingest (BENCHMARKS.md, ninth
@@ -340,6 +361,7 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()
 
 fn main() -> anyhow::Result<()> {
     disable_transparent_huge_pages();
+    purge_freed_memory_at_once();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -288,9 +288,10 @@ impl Engine {
     }
 
     /// Hands memory the allocator holds freed back to the OS (when the server gave a way to).
+    /// It runs on the maintenance thread, the one whose heap holds what compaction freed.
     pub(crate) async fn release_memory(&self) {
         if let Some(release) = self.config.release_memory {
-            let _ = on_cpu(release).await;
+            let _ = self.maintenance_thread.run(release).await;
         }
     }
 
@@ -300,16 +301,17 @@ impl Engine {
         job: CompactionJob,
     ) -> Result<usize> {
         let started = Instant::now();
-        let mut batches = Vec::new();
+        // The stored bytes are fetched here; decoding, sorting and encoding run on the
+        // maintenance thread, so the job's memory is that thread's and is handed back after it
+        // (see `crate::worker`).
+        let mut stored = Vec::with_capacity(job.inputs.len());
         for f in &job.inputs {
-            batches.extend(self.read_file(f).await?);
+            stored.push((Path::from(f.path.as_str()), self.fetch(f).await?));
         }
         // The job was charged for its inputs as recorded at their flush; decoded pages can take
         // more (buffers grown while reading). Charge the difference, twice (for the sorted copy),
         // until the job ends.
         let estimated: u64 = job.inputs.iter().map(|f| mem_estimate(f)).sum();
-        let decoded = batches_memory(&batches);
-        let _extra = self.budget.hold(decoded.saturating_sub(estimated) * 2);
         let in_rows: u64 = job.inputs.iter().map(|f| f.rows).sum();
         let in_bytes: u64 = job.inputs.iter().map(|f| f.size).sum();
         let level = job.inputs.iter().map(|f| f.level).max().unwrap_or(0).saturating_add(1);
@@ -317,17 +319,26 @@ impl Engine {
             / (in_bytes.max(1) as f64 / in_rows.max(1) as f64))
             .max(1.0) as usize;
         let writer = self.config.writer.clone();
+        let budget = Arc::clone(&self.budget);
         let (project, hour) = (job.project.clone(), HourPartition { epoch_hour: job.hour });
-        let (encoded, duplicates) = on_cpu(move || -> Result<_> {
-            let (sorted, duplicates) = sort_for_storage(&batches, writer.encode_threads)?;
-            drop(batches);
-            let files = split_at_traces(&sorted, rows_per_file)
-                .iter()
-                .map(|part| encode_sorted(&project, hour, part, level, &writer))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((files, duplicates))
-        })
-        .await??;
+        let (encoded, duplicates) = self
+            .maintenance_thread
+            .run(move || -> Result<_> {
+                let mut batches = Vec::new();
+                for (path, bytes) in stored {
+                    batches.extend(decode_file(&path, bytes)?);
+                }
+                let decoded = batches_memory(&batches);
+                let _extra = budget.hold(decoded.saturating_sub(estimated) * 2);
+                let (sorted, duplicates) = sort_for_storage(&batches, writer.encode_threads)?;
+                drop(batches);
+                let files = split_at_traces(&sorted, rows_per_file)
+                    .iter()
+                    .map(|part| encode_sorted(&project, hour, part, level, &writer))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((files, duplicates))
+            })
+            .await??;
         let published = self.publish(encoded).await?;
         let outputs = published.len();
         let remove: Vec<String> = job.inputs.iter().map(|f| f.path.clone()).collect();
@@ -356,22 +367,17 @@ impl Engine {
 
     /// Reads a whole committed data file.
     pub async fn read_file(&self, file: &DataFile) -> Result<Vec<RecordBatch>> {
+        let bytes = self.fetch(file).await?;
         let path = Path::from(file.path.as_str());
-        let object_store = self.store.object_store();
+        on_cpu(move || decode_file(&path, bytes)).await?
+    }
+
+    /// A committed data file's stored bytes.
+    async fn fetch(&self, file: &DataFile) -> Result<Bytes> {
+        let path = Path::from(file.path.as_str());
         let get_err = |source| Error::ObjectStore { op: "get", path: path.clone(), source };
-        let bytes: Bytes =
-            object_store.get(&path).await.map_err(get_err)?.bytes().await.map_err(get_err)?;
-        let p = path.clone();
-        on_cpu(move || -> Result<Vec<RecordBatch>> {
-            let parquet_err = |source| Error::Parquet { path: p.clone(), source };
-            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .map_err(parquet_err)?
-                .with_batch_size(64 * 1024)
-                .build()
-                .map_err(parquet_err)?;
-            reader.map(|b| b.map_err(|source| Error::Arrow { source })).collect::<Result<Vec<_>>>()
-        })
-        .await?
+        let object_store = self.store.object_store();
+        object_store.get(&path).await.map_err(get_err)?.bytes().await.map_err(get_err)
     }
 
     /// Removes the hour partitions older than the retention period. Returns the files removed.
@@ -491,6 +497,17 @@ impl Engine {
             self.delete_objects(&due).await;
         }
     }
+}
+
+/// Decodes a whole data file's bytes (`path` names it in errors).
+fn decode_file(path: &Path, bytes: Bytes) -> Result<Vec<RecordBatch>> {
+    let parquet_err = |source| Error::Parquet { path: path.clone(), source };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(parquet_err)?
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(parquet_err)?;
+    reader.map(|b| b.map_err(|source| Error::Arrow { source })).collect()
 }
 
 #[cfg(test)]

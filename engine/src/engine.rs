@@ -106,6 +106,8 @@ pub struct Engine {
     flush_lock: Mutex<()>,
     /// Serialises the jobs that remove committed files (compaction, retention, deletion).
     pub(crate) maintenance_lock: Mutex<()>,
+    /// Where compaction's CPU work and the collection after it run (see [`crate::worker`]).
+    pub(crate) maintenance_thread: crate::worker::Worker,
     /// Files out of the catalog, deleted once readers that may still hold them are done.
     pub(crate) pending_deletes: std::sync::Mutex<Vec<(Instant, Vec<String>)>>,
     flush_now: Notify,
@@ -335,6 +337,7 @@ impl Engine {
             config,
             flush_lock: Mutex::new(()),
             maintenance_lock: Mutex::new(()),
+            maintenance_thread: crate::worker::Worker::start("spanlake-maintain")?,
             pending_deletes: std::sync::Mutex::new(Vec::new()),
             flush_now: Notify::new(),
             closing: AtomicBool::new(false),

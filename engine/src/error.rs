@@ -135,6 +135,12 @@ pub enum Error {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// The maintenance thread could not run a job.
+    #[error("maintenance thread failed: {reason}")]
+    WorkerFailed {
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// What kind of failure an [`Error`] is, for mapping to protocol status codes.
@@ -169,7 +175,8 @@ impl Error {
             | Self::Parquet { .. }
             | Self::WalCorrupt { .. }
             | Self::CatalogFormat { .. }
-            | Self::TaskFailed { .. } => ErrorKind::Internal,
+            | Self::TaskFailed { .. }
+            | Self::WorkerFailed { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -38,6 +38,7 @@ pub mod store;
 pub mod task;
 pub mod trace_index;
 pub mod wal;
+mod worker;
 pub mod writer;
 
 pub use engine::{Engine, EngineConfig};
