@@ -241,6 +241,9 @@ impl Engine {
         let mut merged = 0;
         let mut collected = false;
         for job in jobs {
+            if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
             let charge = working_set(&job.inputs);
             if !self.room_for(charge, &mut collected).await {
                 self.metrics.compactions_deferred.add(1);
