@@ -802,6 +802,7 @@ mod tests {
         .await
         .unwrap();
         let job = engine.maintenance_guard().await;
+        #[expect(clippy::disallowed_methods, reason = "joined below")]
         let stopping = tokio::spawn({
             let engine = Arc::clone(&engine);
             async move { engine.shutdown().await }
