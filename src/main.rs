@@ -64,7 +64,8 @@ fn disable_transparent_huge_pages() {
 /// spans beside 3,000 stored files at a 1 GiB budget peaked at 1,403 and 1,207 MiB resident
 /// with the delay and at 908–991 MiB without, as fast or faster; turning the delay off only
 /// while resident memory was high left 994–1,092 MiB, since purges already put off stay put off.
-/// Queries at 115 M spans ran as fast either way (BENCHMARKS.md, twelfth session).
+/// Queries at 115 M spans ran as fast either way; small-span ingest peaked about 150 MB higher,
+/// well within the budget (BENCHMARKS.md, twelfth session).
 /// `MIMALLOC_PURGE_DELAY` in the environment takes precedence.
 fn purge_freed_memory_at_once() {
     #[cfg(not(feature = "system-allocator"))]
@@ -74,12 +75,11 @@ fn purge_freed_memory_at_once() {
     }
 }
 
-/// Gives the memory mimalloc holds freed back to the OS now, including pages of threads that
-/// have gone idle (see [`purge_freed_memory_at_once`]). The engine calls it after a flush (which frees a slice of the memory table and its
-/// sorted copy at once) while resident memory holds ingest back. A shorter purge delay for
-/// everything did the same for ingest but slowed queries, which free and reuse large hash
-/// tables; collecting after every flush slowed small-span ingest (BENCHMARKS.md, ninth
-/// session).
+/// Gives the memory the calling thread's mimalloc heap (and abandoned pages) holds freed back to
+/// the OS now. The engine calls it after a flush (which frees a slice of the memory table and its
+/// sorted copy at once) while resident memory holds ingest back, and on its maintenance thread
+/// after each compaction job. Collecting after every flush slowed small-span ingest
+/// (BENCHMARKS.md, ninth session).
 pub(crate) fn release_allocator_memory() {
     // SAFETY: no arguments to uphold; collection is safe at any time from any thread.
     #[cfg(not(feature = "system-allocator"))]

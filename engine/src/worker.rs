@@ -41,7 +41,7 @@ impl Worker {
                     job();
                 }
             })
-            .map_err(|source| Error::LocalIo { path: name.into(), source })?;
+            .map_err(|e| Error::WorkerFailed { reason: format!("could not start it: {e}") })?;
         Ok(Self { tx })
     }
 
@@ -77,7 +77,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn jobs_run_in_order_on_one_thread_and_a_panic_fails_alone() {
+    async fn jobs_run_on_one_named_thread_and_a_panic_fails_alone() {
         let worker = Worker::start("spanlake-test-worker").unwrap();
         let first = worker.run(|| std::thread::current().id()).await.unwrap();
         let name = worker.run(|| std::thread::current().name().map(str::to_string)).await;
