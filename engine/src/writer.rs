@@ -44,6 +44,12 @@ pub struct WriterConfig {
     pub row_group_rows: usize,
     /// Rows per data page (smaller pages make lookups by trace id read less).
     pub page_rows: usize,
+    /// Largest data page of the text columns (prompts, completions, attributes, events), in
+    /// uncompressed bytes. A lookup by trace id decompresses the whole page that holds the
+    /// trace's rows, after the column chunk's whole dictionary page: at 1 MiB for both (the
+    /// Parquet defaults) these columns were two thirds of a lookup. Both are capped at this;
+    /// at 128 KiB the text takes about 7 % more space.
+    pub text_page_bytes: usize,
     /// False-positive rate of the `trace_id` bloom filter.
     pub bloom_fpp: f64,
     /// Threads a flush or compaction gathers and encodes columns on (default: one per core).
@@ -57,6 +63,7 @@ impl Default for WriterConfig {
             flush_text_zstd_level: 1,
             row_group_rows: 256 * 1024,
             page_rows: 8 * 1024,
+            text_page_bytes: 128 * 1024,
             bloom_fpp: 0.01,
             encode_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
@@ -346,6 +353,9 @@ fn sort_by_columns(batches: &[RecordBatch]) -> Result<(RecordBatch, usize)> {
     Ok((deduped, dropped))
 }
 
+/// The columns holding large free text: prompts, completions, attributes and events.
+const TEXT_COLUMNS: [&str; 4] = [col::INPUT, col::OUTPUT, col::ATTRIBUTES, col::EVENTS];
+
 /// Encodings chosen per column for files sorted by trace id. Bytes per generated small span:
 /// files written with every column dictionary-encoded (10 M spans) → one of those files
 /// (473,146 spans) rewritten with these encodings (BENCHMARKS.md, fifth session):
@@ -448,9 +458,18 @@ pub fn encode_sorted(
         let text = Compression::ZSTD(
             ZstdLevel::try_new(config.flush_text_zstd_level).map_err(parquet_err)?,
         );
-        for c in [col::INPUT, col::OUTPUT, col::ATTRIBUTES, col::EVENTS] {
+        for c in TEXT_COLUMNS {
             props = props.set_column_compression(ColumnPath::from(c), text);
         }
+    }
+    for c in TEXT_COLUMNS {
+        // The dictionary page too: every read of a column chunk first decompresses and
+        // decodes its whole dictionary. Prompts overflow a small one within a few hundred rows
+        // (later pages are plain); the repeated attribute sets of small spans still fit.
+        let page = config.text_page_bytes.max(1);
+        props = props
+            .set_column_data_page_size_limit(ColumnPath::from(c), page)
+            .set_column_dictionary_page_size_limit(ColumnPath::from(c), page);
     }
     let props = with_column_encodings(props)
         .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
@@ -627,6 +646,13 @@ mod tests {
         );
     }
 
+    /// A reader of `file` that has loaded its page index.
+    fn with_page_index(file: &EncodedFile) -> ParquetRecordBatchReaderBuilder<Bytes> {
+        let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new()
+            .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required);
+        ParquetRecordBatchReaderBuilder::try_new_with_options(file.bytes.clone(), options).unwrap()
+    }
+
     #[test]
     fn files_use_the_chosen_encodings_and_read_back_unchanged() {
         let mut b = SpanBatchBuilder::with_capacity(300);
@@ -651,11 +677,7 @@ mod tests {
             let config = WriterConfig { row_group_rows, ..WriterConfig::default() };
             let file =
                 encode_file("p", partition, std::slice::from_ref(&batch), 0, &config).unwrap();
-            let options = parquet::arrow::arrow_reader::ArrowReaderOptions::new()
-                .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required);
-            let reader =
-                ParquetRecordBatchReaderBuilder::try_new_with_options(file.bytes.clone(), options)
-                    .unwrap();
+            let reader = with_page_index(&file);
             let meta = reader.metadata().clone();
             assert_eq!(meta.num_row_groups(), groups);
             assert!(meta.offset_index().is_some() && meta.column_index().is_some());
@@ -690,6 +712,77 @@ mod tests {
             assert!(!used.contains(&Encoding::RLE_DICTIONARY), "{name}: {used:?}");
         }
         assert!(chunk(col::NAME).contains(&Encoding::RLE_DICTIONARY));
+        let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
+        let read = concat_batches(&spans_schema(), &read).unwrap();
+        let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();
+        assert_eq!(read, sorted);
+    }
+
+    #[test]
+    fn text_pages_and_their_dictionary_are_capped() {
+        // 400 distinct 2 KB prompts of hard-to-compress text (800 KB), and attribute sets
+        // that repeat. A 16 KiB cap makes the prompts take one page per ~8 rows and keeps
+        // their dictionary page, and so every lookup's first read, within the cap.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let prompts: Vec<String> = (0..400)
+            .map(|_| {
+                (0..256)
+                    .map(|_| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        format!("{:08x}", rng as u32)
+                    })
+                    .collect()
+            })
+            .collect();
+        let attributes = ["{\"a\":1}", "{\"b\":2}"];
+        let hour_ns = 1_800_000 * 3_600_000_000_000i64;
+        let mut b = SpanBatchBuilder::with_capacity(prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            b.append(&SpanRecord {
+                trace_id: [(i / 4) as u8; 16],
+                span_id: (i as u64 + 1).to_le_bytes(),
+                name: "chat",
+                start_time_ns: hour_ns + i as i64,
+                end_time_ns: hour_ns + i as i64 + 1,
+                input: Some(prompt),
+                attributes: attributes[i % 2],
+                ..Default::default()
+            });
+        }
+        let batch = b.finish().unwrap();
+        let cap = 16 * 1024;
+        let config = WriterConfig { text_page_bytes: cap, ..WriterConfig::default() };
+        let file = encode_file(
+            "p",
+            HourPartition::of_ns(hour_ns),
+            std::slice::from_ref(&batch),
+            0,
+            &config,
+        )
+        .unwrap();
+        let reader = with_page_index(&file);
+        let meta = reader.metadata().clone();
+        let column = |name: &str| {
+            let rg = meta.row_group(0);
+            (0..rg.num_columns()).find(|&i| rg.column(i).column_path().string() == name).unwrap()
+        };
+        let input = column(col::INPUT);
+        let chunk = meta.row_group(0).column(input);
+        let pages = &meta.offset_index().unwrap()[0][input].page_locations;
+        // 800 KB of prompts in pages of at most 16 KiB plus one 2 KB value: at least 50 pages.
+        assert!(pages.len() >= 50, "{} pages", pages.len());
+        for p in pages {
+            assert!(p.compressed_page_size as usize <= cap + 2 * 1024 + 64, "{p:?}");
+        }
+        if let Some(dict) = chunk.dictionary_page_offset() {
+            let dict_bytes = chunk.data_page_offset() - dict;
+            assert!(dict_bytes as usize <= cap + 2 * 1024 + 64, "dictionary page {dict_bytes} B");
+        }
+        // The repeated attribute sets stay dictionary-encoded.
+        let attrs = meta.row_group(0).column(column(col::ATTRIBUTES));
+        assert!(attrs.encodings().any(|e| e == Encoding::RLE_DICTIONARY));
         let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let read = concat_batches(&spans_schema(), &read).unwrap();
         let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();

@@ -155,6 +155,12 @@ impl TableProvider for SpansTable {
                 // touches every file about 1 ms per file.
                 .with_enable_page_index(scope.trace_id.is_some() || scope.time.is_bounded())
                 .with_bloom_filter_on_read(scope.trace_id.is_some());
+            if scope.trace_id.is_some() {
+                // A trace's rows are a few of the thousands the trace id's page index leaves:
+                // checking the id while decoding reads the other columns, the prompts among
+                // them, for those rows alone, and skips their other pages undecompressed.
+                source = source.with_pushdown_filters(true);
+            }
             if let Some(predicate) = conjunction(filters.iter().cloned()) {
                 let df_schema = DFSchema::try_from(Arc::clone(&self.schema))?;
                 source = source.with_predicate(state.create_physical_expr(predicate, &df_schema)?);
