@@ -165,6 +165,9 @@ pub struct StorageConfig {
     pub flush_text_zstd_level: i32,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,
+    /// Most rows in a Parquet data page. A lookup by trace id decompresses, in each column,
+    /// the page holding the trace's rows.
+    pub page_rows: usize,
     /// Largest data and dictionary page of the text columns (prompts, completions,
     /// attributes, events). Smaller pages make a lookup by trace id decompress less and the
     /// files a little larger.
@@ -196,6 +199,7 @@ impl Default for StorageConfig {
             zstd_level: e.writer.zstd_level,
             flush_text_zstd_level: e.writer.flush_text_zstd_level,
             row_group_rows: e.writer.row_group_rows,
+            page_rows: e.writer.page_rows,
             text_page_size: ByteSize(e.writer.text_page_bytes as u64),
             encode_threads: 0,
             catalog_refresh: HumanDuration(e.catalog_refresh),
@@ -475,6 +479,7 @@ impl Config {
         e.writer.zstd_level = s.zstd_level;
         e.writer.flush_text_zstd_level = s.flush_text_zstd_level;
         e.writer.row_group_rows = s.row_group_rows;
+        e.writer.page_rows = s.page_rows;
         e.writer.text_page_bytes = usize::try_from(s.text_page_size.0).unwrap_or(usize::MAX);
         if s.encode_threads > 0 {
             e.writer.encode_threads = s.encode_threads;

@@ -47,8 +47,9 @@ pub struct WriterConfig {
     /// Largest data page of the text columns (prompts, completions, attributes, events), in
     /// uncompressed bytes. A lookup by trace id decompresses the whole page that holds the
     /// trace's rows, after the column chunk's whole dictionary page: at 1 MiB for both (the
-    /// Parquet defaults) these columns were two thirds of a lookup. Both are capped at this;
-    /// at 128 KiB the text takes about 7 % more space.
+    /// Parquet defaults) these columns were two thirds of a lookup. Both are capped at this.
+    /// Smaller pages compress worse: at 128 KiB an LLM span took 6.6 % more disk and a small
+    /// span 0.6 B more (29.4 B, against the 30 B target), hence 256 KiB (BENCHMARKS.md).
     pub text_page_bytes: usize,
     /// False-positive rate of the `trace_id` bloom filter.
     pub bloom_fpp: f64,
@@ -63,7 +64,7 @@ impl Default for WriterConfig {
             flush_text_zstd_level: 1,
             row_group_rows: 256 * 1024,
             page_rows: 8 * 1024,
-            text_page_bytes: 128 * 1024,
+            text_page_bytes: 256 * 1024,
             bloom_fpp: 0.01,
             encode_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
