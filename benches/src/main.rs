@@ -271,11 +271,20 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     let pid = child.id();
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{http_port}");
+    let mut up = false;
     for _ in 0..600 {
+        if let Some(status) = child.try_wait()? {
+            bail!("server exited before it answered /health: {status}");
+        }
         if http.get(format!("{base}/health")).send().await.is_ok() {
+            up = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !up {
+        let _ = child.kill();
+        bail!("server did not answer /health within 30 s");
     }
     let rss_start = status_kb(pid, "VmRSS");
     let cpu_start = cpu_seconds(pid);
