@@ -465,8 +465,9 @@ pub fn encode_sorted(
     }
     for c in TEXT_COLUMNS {
         // The dictionary page too: every read of a column chunk first decompresses and
-        // decodes its whole dictionary. Prompts overflow a small one within a few hundred rows
-        // (later pages are plain); the repeated attribute sets of small spans still fit.
+        // decodes its whole dictionary. Values that differ row by row (prompts, most attribute
+        // sets) overflow it within a few hundred rows and later pages are plain; values that
+        // repeat still fit.
         let page = config.text_page_bytes.max(1);
         props = props
             .set_column_data_page_size_limit(ColumnPath::from(c), page)
