@@ -388,8 +388,41 @@ fn with_column_encodings(
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_encoding(path, encoding);
     }
+    for column in UNCOMPRESSED_COLUMNS {
+        props = props.set_column_compression(ColumnPath::from(column), Compression::UNCOMPRESSED);
+    }
     props
 }
+
+/// Text columns written without a dictionary: prompts and completions. They differ row by row
+/// (a conversation's history grows with every call), so the dictionary filled within the first
+/// rows of each column chunk and the rest was plain anyway; zstd finds the repeats within a
+/// page either way. But every read of the chunk, a trace lookup's included, decompressed and
+/// decoded that dictionary page (up to `text_page_bytes`) first. 1 M generated LLM spans: 856.8 bytes per span with the
+/// dictionary and 856.8 without; `SELECT *` of a trace p50 7.5-7.9 ms with it, 6.2-7.1 ms
+/// without (BENCHMARKS.md, fourteenth session). Attributes keep theirs: small spans'
+/// attribute sets repeat.
+const UNDICTIONARIED_TEXT_COLUMNS: [&str; 2] = [col::INPUT, col::OUTPUT];
+
+/// Columns stored without compression: names with a handful of distinct values per file,
+/// which queries group and filter by. Their dictionary page holds those few values and their
+/// data pages are run-length-coded indices, which zstd hardly shrinks: over 2 M generated small
+/// spans these columns took 0.01 bytes per span more uncompressed (`kind`, whose values
+/// alternate within a trace, took 0.12 more and stays compressed). Reading a compressed column
+/// chunk costs more than its pages: the Parquet reader creates a zstd compression and a
+/// decompression context for every column chunk it opens (parquet 59), which profiles of trace
+/// lookups put at about 7 % of their CPU. A query grouping by model or span type opens these
+/// columns in every row group of every file.
+const UNCOMPRESSED_COLUMNS: [&str; 8] = [
+    col::SERVICE_NAME,
+    col::STATUS_CODE,
+    col::SPAN_TYPE,
+    col::PROVIDER,
+    col::MODEL,
+    col::TOOL_NAME,
+    col::AGENT_NAME,
+    col::TRACE_STATE,
+];
 
 /// Encodes the rows of one partition as a sorted, zstd-compressed Parquet file.
 pub fn encode_file(
@@ -464,14 +497,17 @@ pub fn encode_sorted(
         }
     }
     for c in TEXT_COLUMNS {
-        // The dictionary page too: every read of a column chunk first decompresses and
-        // decodes its whole dictionary. Values that differ row by row (prompts, most attribute
-        // sets) overflow it within a few hundred rows and later pages are plain; values that
-        // repeat still fit.
+        // The dictionary page too (attributes, events): every read of a column chunk first
+        // decompresses and decodes its whole dictionary. Values that differ row by row (most
+        // attribute sets) overflow it within a few hundred rows and later pages are plain;
+        // values that repeat still fit.
         let page = config.text_page_bytes.max(1);
         props = props
             .set_column_data_page_size_limit(ColumnPath::from(c), page)
             .set_column_dictionary_page_size_limit(ColumnPath::from(c), page);
+    }
+    for c in UNDICTIONARIED_TEXT_COLUMNS {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(c), false);
     }
     let props = with_column_encodings(props)
         .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
@@ -714,6 +750,13 @@ mod tests {
             assert!(!used.contains(&Encoding::RLE_DICTIONARY), "{name}: {used:?}");
         }
         assert!(chunk(col::NAME).contains(&Encoding::RLE_DICTIONARY));
+        // The few-valued name columns are stored uncompressed, every other column with zstd.
+        for c in meta.row_group(0).columns() {
+            let name = c.column_path().string();
+            let zstd = matches!(c.compression(), Compression::ZSTD(_));
+            assert_eq!(zstd, !UNCOMPRESSED_COLUMNS.contains(&name.as_str()), "{name}");
+            assert!(zstd || c.compression() == Compression::UNCOMPRESSED, "{name}");
+        }
         let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let read = concat_batches(&spans_schema(), &read).unwrap();
         let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();
@@ -722,9 +765,10 @@ mod tests {
 
     #[test]
     fn text_pages_and_their_dictionary_are_capped() {
-        // 400 distinct 2 KB prompts of hard-to-compress text (800 KB), and attribute sets
-        // that repeat. A 16 KiB cap makes the prompts take one page per ~8 rows and keeps
-        // their dictionary page, and so every lookup's first read, within the cap.
+        // 400 distinct 2 KB prompts of hard-to-compress text (800 KB), and distinct 1 KB
+        // attribute sets. A 16 KiB cap makes the prompts take one page per ~8 rows; prompts
+        // have no dictionary, and the attributes' dictionary page, every lookup's first read
+        // of that column, stays within the cap.
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let prompts: Vec<String> = (0..400)
             .map(|_| {
@@ -738,7 +782,8 @@ mod tests {
                     .collect()
             })
             .collect();
-        let attributes = ["{\"a\":1}", "{\"b\":2}"];
+        let attributes: Vec<String> =
+            prompts.iter().map(|p| format!("{{\"p\":\"{}\"}}", &p[..1024])).collect();
         let hour_ns = 1_800_000 * 3_600_000_000_000i64;
         let mut b = SpanBatchBuilder::with_capacity(prompts.len());
         for (i, prompt) in prompts.iter().enumerate() {
@@ -749,7 +794,7 @@ mod tests {
                 start_time_ns: hour_ns + i as i64,
                 end_time_ns: hour_ns + i as i64 + 1,
                 input: Some(prompt),
-                attributes: attributes[i % 2],
+                attributes: &attributes[i],
                 ..Default::default()
             });
         }
@@ -778,13 +823,14 @@ mod tests {
         for p in pages {
             assert!(p.compressed_page_size as usize <= cap + 2 * 1024 + 64, "{p:?}");
         }
-        if let Some(dict) = chunk.dictionary_page_offset() {
-            let dict_bytes = chunk.data_page_offset() - dict;
-            assert!(dict_bytes as usize <= cap + 2 * 1024 + 64, "dictionary page {dict_bytes} B");
-        }
-        // The repeated attribute sets stay dictionary-encoded.
+        assert_eq!(chunk.dictionary_page_offset(), None);
+        assert!(!chunk.encodings().any(|e| e == Encoding::RLE_DICTIONARY));
+        // The attributes start dictionary-encoded; their dictionary page is capped.
         let attrs = meta.row_group(0).column(column(col::ATTRIBUTES));
         assert!(attrs.encodings().any(|e| e == Encoding::RLE_DICTIONARY));
+        let dict = attrs.dictionary_page_offset().expect("a dictionary page");
+        let dict_bytes = attrs.data_page_offset() - dict;
+        assert!(dict_bytes as usize <= cap + 1024 + 64, "dictionary page {dict_bytes} B");
         let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let read = concat_batches(&spans_schema(), &read).unwrap();
         let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();
