@@ -25,12 +25,14 @@ unsafe extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// `mi_option_allow_thp` in mimalloc 2.3's `mi_option_t` (libmimalloc-sys names options only up
-/// to `mi_option_max_segment_reclaim`, 21).
+/// `mi_option_allow_thp` in the `mi_option_t` of mimalloc 3.3 (`libmimalloc-sys` 0.1.49 builds
+/// v3 unless its `v2` feature is on, and names options only up to 21). Until the fourteenth
+/// session this was 37, v2's number, which in v3 is `page_max_candidates`: that option was set
+/// to 0 and huge pages were kept off by the `prctl` alone.
 #[cfg(not(feature = "system-allocator"))]
-const MI_OPTION_ALLOW_THP: std::ffi::c_int = 37;
+const MI_OPTION_ALLOW_THP: std::ffi::c_int = 43;
 
-/// `mi_option_purge_delay` in the same enum.
+/// `mi_option_purge_delay` in the same enum (15 in v2 as well).
 #[cfg(not(feature = "system-allocator"))]
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
@@ -58,11 +60,11 @@ fn disable_transparent_huge_pages() {
 }
 
 /// Has mimalloc hand freed memory back to the OS at once rather than after its purge delay
-/// (10 ms in mimalloc 2.x). A delayed purge is only carried out by the thread that owns the
-/// memory, at its next allocation, so memory freed on threads that then go idle (blocking-pool
-/// threads after a flush, the WAL thread between requests) stays resident. LLM backfills of 1 M
+/// (mimalloc 3.3: 1 s, times `arena_purge_mult`, 10, for memory handed back to its arenas; the
+/// twelfth session's notes took it for v2's 10 ms). Until then freed memory stays resident, so
+/// a busy process holds seconds' worth of freed request and flush buffers. LLM backfills of 1 M
 /// spans beside 3,000 stored files at a 1 GiB budget peaked at 1,403 and 1,207 MiB resident
-/// with the delay and at 908–991 MiB without, as fast or faster; turning the delay off only
+/// with mimalloc's delay and at 908–991 MiB without, as fast or faster; turning the delay off only
 /// while resident memory was high left 994–1,092 MiB, since purges already put off stay put off.
 /// Queries at 115 M spans ran as fast either way; small-span ingest peaked about 150 MB higher,
 /// well within the budget (BENCHMARKS.md, twelfth session).
