@@ -64,8 +64,8 @@ fn disable_transparent_huge_pages() {
 /// twelfth session's notes took it for v2's 10 ms). Until then freed memory stays resident, so
 /// a busy process holds seconds' worth of freed request and flush buffers. LLM backfills of 1 M
 /// spans beside 3,000 stored files at a 1 GiB budget peaked at 1,403 and 1,207 MiB resident
-/// with mimalloc's delay and at 908–991 MiB without, as fast or faster; turning the delay off only
-/// while resident memory was high left 994–1,092 MiB, since purges already put off stay put off.
+/// with mimalloc's delay and at 908–991 MiB without, as fast or faster; turning the delay off
+/// only while resident memory was high left 994–1,092 MiB, since purges put off stay put off.
 /// Queries at 115 M spans ran as fast either way; small-span ingest peaked about 150 MB higher,
 /// well within the budget (BENCHMARKS.md, twelfth session).
 /// `MIMALLOC_PURGE_DELAY` in the environment takes precedence.

@@ -379,7 +379,8 @@ const COLUMN_ENCODINGS: [(&str, Encoding); 6] = [
     (col::DURATION_MS, Encoding::PLAIN),
 ];
 
-fn with_column_encodings(
+/// The per-column choices: encodings, prompts without a dictionary, names uncompressed.
+fn with_column_layout(
     mut props: parquet::file::properties::WriterPropertiesBuilder,
 ) -> parquet::file::properties::WriterPropertiesBuilder {
     for (column, encoding) in COLUMN_ENCODINGS {
@@ -387,6 +388,9 @@ fn with_column_encodings(
         props = props
             .set_column_dictionary_enabled(path.clone(), false)
             .set_column_encoding(path, encoding);
+    }
+    for column in UNDICTIONARIED_TEXT_COLUMNS {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(column), false);
     }
     for column in UNCOMPRESSED_COLUMNS {
         props = props.set_column_compression(ColumnPath::from(column), Compression::UNCOMPRESSED);
@@ -398,21 +402,21 @@ fn with_column_encodings(
 /// (a conversation's history grows with every call), so the dictionary filled within the first
 /// rows of each column chunk and the rest was plain anyway; zstd finds the repeats within a
 /// page either way. But every read of the chunk, a trace lookup's included, decompressed and
-/// decoded that dictionary page (up to `text_page_bytes`) first. 1 M generated LLM spans: 856.8 bytes per span with the
-/// dictionary and 856.8 without; `SELECT *` of a trace p50 7.5-7.9 ms with it, 6.2-7.1 ms
-/// without (BENCHMARKS.md, fourteenth session). Attributes keep theirs: small spans'
-/// attribute sets repeat.
+/// decoded that dictionary page (up to `text_page_bytes`) first. 1 M generated LLM spans:
+/// 856.8 bytes per span with the dictionary and without; `SELECT *` of a trace p50 7.5-7.9 ms
+/// with it, 6.2-7.1 ms without (BENCHMARKS.md, fourteenth session). Attributes keep theirs:
+/// small spans' attribute sets repeat.
 const UNDICTIONARIED_TEXT_COLUMNS: [&str; 2] = [col::INPUT, col::OUTPUT];
 
 /// Columns stored without compression: names with a handful of distinct values per file,
 /// which queries group and filter by. Their dictionary page holds those few values and their
 /// data pages are run-length-coded indices, which zstd hardly shrinks: over 2 M generated small
-/// spans these columns took 0.01 bytes per span more uncompressed (`kind`, whose values
-/// alternate within a trace, took 0.12 more and stays compressed). Reading a compressed column
-/// chunk costs more than its pages: the Parquet reader creates a zstd compression and a
-/// decompression context for every column chunk it opens (parquet 59), which profiles of trace
-/// lookups put at about 7 % of their CPU. A query grouping by model or span type opens these
-/// columns in every row group of every file.
+/// spans these columns took about 0.02 bytes per span more uncompressed, all eight together
+/// (`kind`, whose values alternate within a trace, took 0.12 more and stays compressed).
+/// Reading a compressed column chunk costs more than its pages: the Parquet reader creates a
+/// zstd compression and a decompression context for every column chunk it opens (parquet 59),
+/// which two profiles of trace lookups put at 7 and 10 % of their CPU. A query grouping by
+/// model or span type opens these columns in every row group of every file.
 const UNCOMPRESSED_COLUMNS: [&str; 8] = [
     col::SERVICE_NAME,
     col::STATUS_CODE,
@@ -506,10 +510,7 @@ pub fn encode_sorted(
             .set_column_data_page_size_limit(ColumnPath::from(c), page)
             .set_column_dictionary_page_size_limit(ColumnPath::from(c), page);
     }
-    for c in UNDICTIONARIED_TEXT_COLUMNS {
-        props = props.set_column_dictionary_enabled(ColumnPath::from(c), false);
-    }
-    let props = with_column_encodings(props)
+    let props = with_column_layout(props)
         .set_max_row_group_row_count(Some(config.row_group_rows.max(1)))
         .set_data_page_row_count_limit(config.page_rows.max(1))
         .set_statistics_enabled(EnabledStatistics::Page)
