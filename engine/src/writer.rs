@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{
-    Array, ArrayData, AsArray, Capacities, MutableArrayData, RecordBatch, UInt32Array, make_array,
+    Array, ArrayData, ArrayRef, AsArray, Capacities, MutableArrayData, RecordBatch, UInt32Array,
+    make_array,
 };
 use arrow::compute::{
-    SortColumn, concat_batches, interleave_record_batch, lexsort_to_indices, take_record_batch,
+    SortColumn, concat_batches, interleave, lexsort_to_indices, take_record_batch,
 };
 use arrow::datatypes::TimestampNanosecondType;
 use arrow::error::ArrowError;
@@ -91,17 +92,18 @@ pub fn encode_partitions<'a>(
     level: u8,
     config: &WriterConfig,
 ) -> Result<Vec<EncodedFile>> {
-    let mut by_project: BTreeMap<&Arc<str>, Vec<&RecordBatch>> = BTreeMap::new();
+    let mut by_project: BTreeMap<&Arc<str>, Vec<RecordBatch>> = BTreeMap::new();
     for (project, batch) in batches {
-        by_project.entry(project).or_default().push(batch);
+        by_project.entry(project).or_default().push(batch.clone());
     }
     let mut files = Vec::new();
     for (project, batches) in by_project {
-        for (partition, batch, duplicates) in sort_by_partition(&batches, config.encode_threads)? {
+        sort_by_partition(batches, config.encode_threads, |partition, batch, duplicates| {
             let mut file = encode_sorted(project, partition, &batch, level, config)?;
             file.duplicates = duplicates;
             files.push(file);
-        }
+            Ok(())
+        })?;
     }
     Ok(files)
 }
@@ -133,12 +135,16 @@ fn start_times(batch: &RecordBatch) -> &[i64] {
 /// Sorts `batches` by `(trace_id, start_time, span_id)` into one batch, dropping exact
 /// repeats of a span (same trace id, span id and start time: a client that re-sent a request
 /// whose acknowledgement it lost). Returns the batch and how many repeats were dropped.
-/// Compaction calls it with the rows of one partition.
-pub fn sort_for_storage(batches: &[RecordBatch], threads: usize) -> Result<(RecordBatch, usize)> {
-    let refs: Vec<&RecordBatch> = batches.iter().collect();
-    let parts = sort_by_partition(&refs, threads)?;
-    let dropped = parts.iter().map(|(_, _, d)| d).sum();
-    let sorted: Vec<RecordBatch> = parts.into_iter().map(|(_, b, _)| b).collect();
+/// Compaction calls it with the rows of one partition, decoded from its files: it gives them up
+/// so that each column of them is freed once copied (see [`Sources`]).
+pub fn sort_for_storage(batches: Vec<RecordBatch>, threads: usize) -> Result<(RecordBatch, usize)> {
+    let mut sorted = Vec::new();
+    let mut dropped = 0;
+    sort_by_partition(batches, threads, |_, batch, d| {
+        sorted.push(batch);
+        dropped += d;
+        Ok(())
+    })?;
     let batch = match <[_; 1]>::try_from(sorted) {
         Ok([one]) => one,
         Err(many) => {
@@ -148,26 +154,27 @@ pub fn sort_for_storage(batches: &[RecordBatch], threads: usize) -> Result<(Reco
     Ok((batch, dropped))
 }
 
-/// One sorted batch per hour partition of `start_time` (in partition order), each sorted by
-/// `(trace_id, start_time, span_id)` without exact repeats of a span, and how many repeats were
-/// dropped from it. One copy of the rows: they are gathered straight into their place.
+/// Hands `each` one sorted batch per hour partition of `start_time` (in partition order), each
+/// sorted by `(trace_id, start_time, span_id)` without exact repeats of a span, and how many
+/// repeats were dropped from it. One copy of the rows: they are gathered straight into their
+/// place, one partition at a time, so that a backfill's flush (rows of many hours) holds one
+/// hour's sorted copy at once beside the memory table rather than a copy of all of it.
 fn sort_by_partition(
-    batches: &[&RecordBatch],
+    batches: Vec<RecordBatch>,
     threads: usize,
-) -> Result<Vec<(HourPartition, RecordBatch, usize)>> {
+    mut each: impl FnMut(HourPartition, RecordBatch, usize) -> Result<()>,
+) -> Result<()> {
     let arrow_err = |source| Error::Arrow { source };
-    let Some(mut keys) = row_keys(batches) else {
-        return split_hours(batches)?
-            .into_iter()
-            .map(|(partition, parts)| {
-                let (batch, dropped) = sort_by_columns(&parts)?;
-                Ok((partition, batch, dropped))
-            })
-            .collect();
+    let Some(mut keys) = row_keys(&batches.iter().collect::<Vec<_>>()) else {
+        for (partition, parts) in split_hours(&batches.iter().collect::<Vec<_>>())? {
+            let (batch, dropped) = sort_by_columns(&parts)?;
+            each(partition, batch, dropped)?;
+        }
+        return Ok(());
     };
     // `at` breaks ties, so the first copy of a repeated span received is the one kept.
     keys.sort_unstable();
-    let mut out = Vec::new();
+    let sources = Sources::new(batches);
     let mut first = 0;
     while first < keys.len() {
         let hour = keys[first].hour;
@@ -179,20 +186,48 @@ fn sort_by_partition(
             .filter(|(i, k)| *i == 0 || !k.same_span(&run[i - 1]))
             .map(|(_, k)| (k.at.0 as usize, k.at.1 as usize))
             .collect();
-        let batch = gather(batches, &order, threads).map_err(arrow_err)?;
-        out.push((HourPartition { epoch_hour: hour }, batch, run.len() - order.len()));
+        let last = end == keys.len();
+        let batch = gather(&sources, &order, threads, last).map_err(arrow_err)?;
+        each(HourPartition { epoch_hour: hour }, batch, run.len() - order.len())?;
         first = end;
     }
-    Ok(out)
+    Ok(())
 }
 
-/// The rows at `order` ((batch, row) pairs) as one batch of the spans schema. Requests usually
-/// carry whole traces, so the sorted order is mostly runs of neighbouring rows of one batch;
-/// those are copied a run at a time (far fewer scattered reads than row by row).
+/// The columns of the batches being sorted: for each column, its array in every batch. The
+/// last gather takes each column's arrays and drops them as soon as that column is copied, so
+/// rows nothing else holds (compaction's decoded inputs; not the memory table's) are freed
+/// column by column: the inputs and their sorted copy are never both held whole.
+struct Sources(Vec<Mutex<Vec<ArrayRef>>>);
+
+impl Sources {
+    fn new(batches: Vec<RecordBatch>) -> Self {
+        let mut columns: Vec<Vec<ArrayRef>> =
+            (0..spans_schema().fields().len()).map(|_| Vec::with_capacity(batches.len())).collect();
+        for batch in batches {
+            for (i, column) in batch.columns().iter().enumerate() {
+                columns[i].push(Arc::clone(column));
+            }
+        }
+        Self(columns.into_iter().map(Mutex::new).collect())
+    }
+
+    /// Column `i`'s arrays: taken from here when `take`, else shared.
+    fn column(&self, i: usize, take: bool) -> Vec<ArrayRef> {
+        let mut arrays = self.0[i].lock().unwrap_or_else(|e| e.into_inner());
+        if take { std::mem::take(&mut *arrays) } else { arrays.clone() }
+    }
+}
+
+/// The rows at `order` ((batch, row) pairs) as one batch of the spans schema, gathered column by
+/// column (taking each column's arrays from `sources` when `last`). Requests usually carry whole
+/// traces, so the sorted order is mostly runs of neighbouring rows of one batch; those are copied
+/// a run at a time (far fewer scattered reads than row by row).
 fn gather(
-    batches: &[&RecordBatch],
+    sources: &Sources,
     order: &[(usize, usize)],
     threads: usize,
+    last: bool,
 ) -> Result<RecordBatch, ArrowError> {
     let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (batch, first row, end row)
     for &(b, row) in order {
@@ -201,17 +236,17 @@ fn gather(
             _ => runs.push((b, row, row + 1)),
         }
     }
-    if runs.len() * 2 > order.len() {
-        let gathered = interleave_record_batch(batches, order)?;
-        return RecordBatch::try_new(spans_schema(), gathered.columns().to_vec());
-    }
+    let scattered = runs.len() * 2 > order.len();
     let columns = per_column(threads, spans_schema().fields().len(), |i| {
-        let sources: Vec<ArrayData> = batches.iter().map(|b| b.column(i).to_data()).collect();
+        let arrays = sources.column(i, last);
+        if scattered {
+            let arrays: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+            return interleave(&arrays, order);
+        }
+        let data: Vec<ArrayData> = arrays.iter().map(|a| a.to_data()).collect();
         // Text columns get their exact size up front (growing by doubling copies it again).
-        let text: Option<Vec<&[i32]>> = batches
-            .iter()
-            .map(|b| b.column(i).as_string_opt::<i32>().map(|s| s.value_offsets()))
-            .collect();
+        let text: Option<Vec<&[i32]>> =
+            arrays.iter().map(|a| a.as_string_opt::<i32>().map(|s| s.value_offsets())).collect();
         let capacity = match text {
             Some(offsets) => {
                 let bytes = runs
@@ -222,7 +257,7 @@ fn gather(
             }
             None => Capacities::Array(order.len()),
         };
-        let mut out = MutableArrayData::with_capacities(sources.iter().collect(), false, capacity);
+        let mut out = MutableArrayData::with_capacities(data.iter().collect(), false, capacity);
         for &(b, first, end) in &runs {
             out.try_extend(b, first, end)?;
         }
@@ -436,7 +471,7 @@ pub fn encode_file(
     level: u8,
     config: &WriterConfig,
 ) -> Result<EncodedFile> {
-    let (batch, duplicates) = sort_for_storage(batches, config.encode_threads)?;
+    let (batch, duplicates) = sort_for_storage(batches.to_vec(), config.encode_threads)?;
     let mut file = encode_sorted(project, partition, &batch, level, config)?;
     file.duplicates = duplicates;
     Ok(file)
@@ -605,7 +640,7 @@ mod tests {
         let batches = [batch(0, 1), batch(1_000, 1), batch(0, 5)];
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         assert!(row_keys(&refs).is_some(), "ids of the usual length take the key sort");
-        let (by_key, dropped) = sort_for_storage(&batches, 2).unwrap();
+        let (by_key, dropped) = sort_for_storage(batches.to_vec(), 2).unwrap();
         let (by_columns, dropped_by_columns) = sort_by_columns(&batches).unwrap();
         assert_eq!(dropped, 40);
         assert_eq!(dropped, dropped_by_columns);
@@ -631,7 +666,7 @@ mod tests {
             b.finish().unwrap()
         };
         let batches = [traces(0), traces(10), traces(5)];
-        let (by_key, dropped) = sort_for_storage(&batches, 2).unwrap();
+        let (by_key, dropped) = sort_for_storage(batches.to_vec(), 2).unwrap();
         assert_eq!((by_key.num_rows(), dropped), (200, 100));
         assert_eq!((by_key, dropped), sort_by_columns(&batches).unwrap());
     }
@@ -728,7 +763,7 @@ mod tests {
             assert_eq!(sizes.iter().sum::<i64>(), 300, "{sizes:?}");
             let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
             let read = concat_batches(&spans_schema(), &read).unwrap();
-            let (sorted, _) = sort_for_storage(std::slice::from_ref(&batch), 2).unwrap();
+            let (sorted, _) = sort_for_storage(vec![batch.clone()], 2).unwrap();
             assert_eq!(read, sorted);
         }
         let file =
@@ -760,7 +795,7 @@ mod tests {
         }
         let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let read = concat_batches(&spans_schema(), &read).unwrap();
-        let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();
+        let (sorted, _) = sort_for_storage(vec![batch], 1).unwrap();
         assert_eq!(read, sorted);
     }
 
@@ -834,7 +869,7 @@ mod tests {
         assert!(dict_bytes as usize <= cap + 1024 + 64, "dictionary page {dict_bytes} B");
         let read: Vec<RecordBatch> = reader.build().unwrap().map(|b| b.unwrap()).collect();
         let read = concat_batches(&spans_schema(), &read).unwrap();
-        let (sorted, _) = sort_for_storage(&[batch], 1).unwrap();
+        let (sorted, _) = sort_for_storage(vec![batch], 1).unwrap();
         assert_eq!(read, sorted);
     }
 }
