@@ -14,37 +14,38 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
-#[cfg(not(feature = "system-allocator"))]
+// The server's allocator is the C library's (glibc malloc on Linux). mimalloc, the allocator of
+// the earlier sessions, is kept behind the `mimalloc` feature for comparison: with its purge
+// delay at 0 (needed to hold a backfill within the memory budget) it ingested LLM spans at
+// 151-155 MB/s where glibc took 212-229, small spans at 426-429 K/s against 457-497 K/s, and
+// backfilled at 140-141 MB/s against 174-178, peak resident memory the same (BENCHMARKS.md,
+// fifteenth session). With its default delay it was as fast as glibc but backfills peaked at
+// 1,346 MiB against glibc's 973-985 at a 1 GiB budget.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 // mimalloc's collection and options (`mimalloc.h`), in the library the allocator above links.
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(feature = "mimalloc")]
 unsafe extern "C" {
     fn mi_collect(force: bool);
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
 /// `mi_option_allow_thp` in the `mi_option_t` of mimalloc 3.3 (`libmimalloc-sys` 0.1.49 builds
-/// v3 unless its `v2` feature is on, and names options only up to 21). Until the fourteenth
-/// session this was 37, v2's number, which in v3 is `page_max_candidates`: that option was set
-/// to 0 and huge pages were kept off by the `prctl` alone.
-#[cfg(not(feature = "system-allocator"))]
+/// v3 unless its `v2` feature is on, and names options only up to 21).
+#[cfg(feature = "mimalloc")]
 const MI_OPTION_ALLOW_THP: std::ffi::c_int = 43;
 
 /// `mi_option_purge_delay` in the same enum (15 in v2 as well).
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(feature = "mimalloc")]
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// Keeps the process's memory off transparent huge pages. mimalloc asks the kernel for huge
-/// pages on its arenas (`madvise`), and a 2 MiB page stays resident while any of it is in use.
-/// An LLM backfill at a 1 GiB memory budget beside 550 stored files peaked at 1,268–1,794 MiB
-/// resident with them (1.2 GiB anonymous, 0.78 GiB in huge pages) and 993–999 MiB without;
-/// beside 2,900 files, 1,604/1,811 against 1,215/1,325 MiB, about 10 % faster (BENCHMARKS.md,
-/// eleventh session). Called first thing in `main`: the
-/// `prctl` covers the arena mimalloc has already reserved, the option its later ones.
-/// `SPANLAKE_HUGE_PAGES=1` leaves them on (read here, before the configuration: the arenas are
-/// reserved before any configuration is read).
+/// Keeps the process's memory off transparent huge pages: a 2 MiB page stays resident while any
+/// of it is in use. An LLM backfill at a 1 GiB memory budget beside 550 stored files peaked at
+/// 1,268-1,794 MiB resident with them (0.78 GiB in huge pages, mimalloc) and 993-999 MiB
+/// without (BENCHMARKS.md, eleventh session). Called first thing in `main`.
+/// `SPANLAKE_HUGE_PAGES=1` leaves them on.
 fn disable_transparent_huge_pages() {
     if std::env::var_os("SPANLAKE_HUGE_PAGES").is_some_and(|v| v == "1") {
         return;
@@ -52,44 +53,37 @@ fn disable_transparent_huge_pages() {
     // SAFETY: setting an option is safe at any time; PR_SET_THP_DISABLE takes no pointers and
     // only sets a flag of this process.
     unsafe {
-        #[cfg(not(feature = "system-allocator"))]
+        #[cfg(feature = "mimalloc")]
         mi_option_set(MI_OPTION_ALLOW_THP, 0);
         #[cfg(target_os = "linux")]
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
-/// Has mimalloc hand freed memory back to the OS at once rather than after its purge delay
-/// (mimalloc 3.3: 1 s, times `arena_purge_mult`, 10, for memory handed back to its arenas; the
-/// twelfth session's notes took it for v2's 10 ms). Until then freed memory stays resident, so
-/// a busy process holds seconds' worth of freed request and flush buffers. LLM backfills of 1 M
-/// spans beside 3,000 stored files at a 1 GiB budget peaked at 1,403 and 1,207 MiB resident
-/// with mimalloc's delay and at 908–991 MiB without, as fast or faster; turning the delay off
-/// only while resident memory was high left 994–1,092 MiB, since purges put off stay put off.
-/// Queries at 115 M spans ran as fast either way; small-span ingest peaked about 150 MB higher,
-/// well within the budget (BENCHMARKS.md, twelfth session).
-/// `MIMALLOC_PURGE_DELAY` in the environment takes precedence.
+/// With mimalloc, has it hand freed memory back to the OS at once rather than after its purge
+/// delay (1 s), during which a busy process holds seconds' worth of freed request and flush
+/// buffers (BENCHMARKS.md, twelfth session). `MIMALLOC_PURGE_DELAY` in the environment takes
+/// precedence.
 fn purge_freed_memory_at_once() {
-    #[cfg(not(feature = "system-allocator"))]
+    #[cfg(feature = "mimalloc")]
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: setting an option is safe at any time from any thread.
         unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
     }
 }
 
-/// Gives the memory the calling thread's mimalloc heap (and abandoned pages) holds freed back to
-/// the OS now. The engine calls it after a flush (which frees a slice of the memory table and its
-/// sorted copy at once) while resident memory holds ingest back, and on its maintenance thread
-/// after each compaction job. Collecting after every flush slowed small-span ingest
-/// (BENCHMARKS.md, ninth session).
+/// Gives the memory the allocator holds freed back to the OS now. The engine calls it after a
+/// flush (which frees a slice of the memory table and its sorted copy at once) while resident
+/// memory holds ingest back, and on its maintenance thread after each compaction job.
+/// Collecting after every flush slowed small-span ingest (BENCHMARKS.md, ninth session).
 pub(crate) fn release_allocator_memory() {
     // SAFETY: no arguments to uphold; collection is safe at any time from any thread.
-    #[cfg(not(feature = "system-allocator"))]
+    #[cfg(feature = "mimalloc")]
     unsafe {
         mi_collect(true)
     };
-    // SAFETY: as above, for glibc's allocator.
-    #[cfg(all(feature = "system-allocator", target_env = "gnu"))]
+    // SAFETY: as above, for glibc's allocator (every arena's free memory, not only the top).
+    #[cfg(all(not(feature = "mimalloc"), target_env = "gnu"))]
     unsafe {
         libc::malloc_trim(0)
     };
