@@ -14,13 +14,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 
-// The server's allocator is the C library's (glibc malloc on Linux). mimalloc, the allocator of
-// the earlier sessions, is kept behind the `mimalloc` feature for comparison: with its purge
-// delay at 0 (needed to hold a backfill within the memory budget) it ingested LLM spans at
-// 151-155 MB/s where glibc took 212-229, small spans at 426-429 K/s against 457-497 K/s, and
-// backfilled at 140-141 MB/s against 174-178, peak resident memory the same (BENCHMARKS.md,
-// fifteenth session). With its default delay it was as fast as glibc but backfills peaked at
-// 1,346 MiB against glibc's 973-985 at a 1 GiB budget.
+// The server's allocator is the C library's (glibc malloc on Linux, see
+// `fix_malloc_mmap_threshold`). mimalloc, the allocator of the earlier sessions, is kept behind
+// the `mimalloc` feature for comparison: with its purge delay at 0 (needed to hold a backfill
+// near the memory budget) it ingested LLM spans at 151-155 MB/s where glibc takes 184-196, and
+// backfilled at 140-141 MB/s peaking at 960-1,001 MiB where glibc takes 159-175 MB/s and
+// 598-643 MiB (BENCHMARKS.md, fifteenth session). With its default delay it was as fast but a
+// backfill peaked at 1,346 MiB at a 1 GiB budget.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -57,6 +57,22 @@ fn disable_transparent_huge_pages() {
         mi_option_set(MI_OPTION_ALLOW_THP, 0);
         #[cfg(target_os = "linux")]
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+/// With glibc malloc, gives every allocation of 1 MiB or more its own mapping, handed back to
+/// the OS when it is freed. glibc otherwise raises that threshold (up to 32 MiB) each time such a
+/// block is freed, after which large buffers (request bodies, Arrow columns, Parquet pages) come
+/// from its heaps and stay resident once freed. Measured (BENCHMARKS.md, fifteenth session):
+/// 2 M-span LLM backfills beside 108 M stored spans peaked at 598 MiB with it and 949-985 MiB
+/// without; compaction catching up at a median 467 MiB (max 704) against 932 (max 1,224); the
+/// price is LLM ingest into recent hours at 186-196 MB/s against 212-229. `GLIBC_TUNABLES` in the
+/// environment leaves malloc as it says.
+fn fix_malloc_mmap_threshold() {
+    #[cfg(all(not(feature = "mimalloc"), target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        // SAFETY: mallopt takes plain integers; called first thing in `main`.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
     }
 }
 
@@ -357,6 +373,7 @@ fn apply_serve_flags(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()
 
 fn main() -> anyhow::Result<()> {
     disable_transparent_huge_pages();
+    fix_malloc_mmap_threshold();
     purge_freed_memory_at_once();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
