@@ -64,9 +64,9 @@ fn disable_transparent_huge_pages() {
 /// the OS when it is freed. glibc otherwise raises that threshold (up to 32 MiB) each time such a
 /// block is freed, after which large buffers (request bodies, Arrow columns, Parquet pages) come
 /// from its heaps and stay resident once freed. Measured (BENCHMARKS.md, fifteenth session):
-/// 2 M-span LLM backfills beside 108 M stored spans peaked at 598 MiB with it and 949-985 MiB
-/// without; compaction catching up at a median 467 MiB (max 704) against 932 (max 1,224); the
-/// price is LLM ingest into recent hours at 186-196 MB/s against 212-229. `GLIBC_TUNABLES` in the
+/// 2 M-span LLM backfills beside 108 M stored spans peaked at 598-643 MiB with it and 949-985
+/// MiB without; compaction catching up at a median 467 MiB (max 704) against 932 (max 1,224);
+/// the price is LLM ingest into recent hours at 184-196 MB/s against 212-229. `GLIBC_TUNABLES` in the
 /// environment leaves malloc as it says.
 fn fix_malloc_mmap_threshold() {
     #[cfg(all(not(feature = "mimalloc"), target_env = "gnu"))]

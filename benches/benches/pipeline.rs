@@ -50,7 +50,7 @@ fn stages(c: &mut Criterion) {
             let file = encode_file(
                 "default",
                 HourPartition::of_ns(0),
-                std::slice::from_ref(&batch),
+                vec![batch.clone()],
                 level,
                 &WriterConfig::default(),
             )
@@ -77,7 +77,7 @@ fn stages(c: &mut Criterion) {
                     encode_file(
                         "default",
                         HourPartition::of_ns(0),
-                        std::slice::from_ref(black_box(&batch)),
+                        vec![black_box(&batch).clone()],
                         level,
                         &WriterConfig::default(),
                     )

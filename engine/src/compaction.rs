@@ -435,7 +435,7 @@ impl Engine {
                     encode_file(
                         &f.project,
                         HourPartition { epoch_hour: f.hour },
-                        &keep,
+                        keep,
                         f.level,
                         &writer,
                     )
@@ -580,7 +580,7 @@ mod tests {
         let file = crate::writer::encode_file(
             "p",
             HourPartition::of_ns(hour_ns),
-            std::slice::from_ref(&batch),
+            vec![batch],
             0,
             &crate::writer::WriterConfig::default(),
         )

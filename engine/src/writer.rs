@@ -165,8 +165,9 @@ fn sort_by_partition(
     mut each: impl FnMut(HourPartition, RecordBatch, usize) -> Result<()>,
 ) -> Result<()> {
     let arrow_err = |source| Error::Arrow { source };
-    let Some(mut keys) = row_keys(&batches.iter().collect::<Vec<_>>()) else {
-        for (partition, parts) in split_hours(&batches.iter().collect::<Vec<_>>())? {
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    let Some(mut keys) = row_keys(&refs) else {
+        for (partition, parts) in split_hours(&refs)? {
             let (batch, dropped) = sort_by_columns(&parts)?;
             each(partition, batch, dropped)?;
         }
@@ -463,15 +464,17 @@ const UNCOMPRESSED_COLUMNS: [&str; 8] = [
     col::TRACE_STATE,
 ];
 
-/// Encodes the rows of one partition as a sorted, zstd-compressed Parquet file.
+/// Encodes the rows of one partition as a sorted, zstd-compressed Parquet file. Takes the
+/// batches, as [`sort_for_storage`] does, so that rows nothing else holds are freed as they are
+/// copied.
 pub fn encode_file(
     project: &str,
     partition: HourPartition,
-    batches: &[RecordBatch],
+    batches: Vec<RecordBatch>,
     level: u8,
     config: &WriterConfig,
 ) -> Result<EncodedFile> {
-    let (batch, duplicates) = sort_for_storage(batches.to_vec(), config.encode_threads)?;
+    let (batch, duplicates) = sort_for_storage(batches, config.encode_threads)?;
     let mut file = encode_sorted(project, partition, &batch, level, config)?;
     file.duplicates = duplicates;
     Ok(file)
@@ -749,8 +752,7 @@ mod tests {
         // One row group, and three (128 + 128 + 44 rows) encoded one after another.
         for (row_group_rows, groups) in [(WriterConfig::default().row_group_rows, 1), (128, 3)] {
             let config = WriterConfig { row_group_rows, ..WriterConfig::default() };
-            let file =
-                encode_file("p", partition, std::slice::from_ref(&batch), 0, &config).unwrap();
+            let file = encode_file("p", partition, vec![batch.clone()], 0, &config).unwrap();
             let reader = with_page_index(&file);
             let meta = reader.metadata().clone();
             assert_eq!(meta.num_row_groups(), groups);
@@ -767,8 +769,7 @@ mod tests {
             assert_eq!(read, sorted);
         }
         let file =
-            encode_file("p", partition, std::slice::from_ref(&batch), 0, &WriterConfig::default())
-                .unwrap();
+            encode_file("p", partition, vec![batch.clone()], 0, &WriterConfig::default()).unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(file.bytes.clone()).unwrap();
         let meta = reader.metadata().clone();
         let chunk = |name: &str| {
@@ -837,14 +838,8 @@ mod tests {
         let batch = b.finish().unwrap();
         let cap = 16 * 1024;
         let config = WriterConfig { text_page_bytes: cap, ..WriterConfig::default() };
-        let file = encode_file(
-            "p",
-            HourPartition::of_ns(hour_ns),
-            std::slice::from_ref(&batch),
-            0,
-            &config,
-        )
-        .unwrap();
+        let file = encode_file("p", HourPartition::of_ns(hour_ns), vec![batch.clone()], 0, &config)
+            .unwrap();
         let reader = with_page_index(&file);
         let meta = reader.metadata().clone();
         let column = |name: &str| {
