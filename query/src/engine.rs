@@ -6,7 +6,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ParamValues;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::memory_pool::{FairSpillPool, MemoryPool};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::{Expr, LogicalPlan};
@@ -167,6 +167,8 @@ GROUP BY session_id";
 /// DataFusion over one data location, with spanlake's tables, views and functions.
 pub struct QueryEngine {
     ctx: SessionContext,
+    /// The `spans` table registered in `ctx` (trace lookups read it without a plan).
+    spans: Arc<SpansTable>,
     metrics: Arc<QueryMetrics>,
     config: QueryConfig,
 }
@@ -231,7 +233,8 @@ impl QueryEngine {
         );
         let url = ObjectStoreUrl::parse(STORE_URL)?;
         ctx.register_object_store(url.as_ref(), store.object_store());
-        ctx.register_table(SPANS_TABLE, Arc::new(SpansTable::new(store, project)))?;
+        let spans = Arc::new(SpansTable::new(store, project));
+        ctx.register_table(SPANS_TABLE, Arc::clone(&spans) as _)?;
         datafusion_functions_json::register_all(&mut ctx)?;
         functions::register(&ctx, prices);
         ctx.register_udaf(crate::aggregate::root_value());
@@ -239,7 +242,7 @@ impl QueryEngine {
         ctx.register_udf(crate::trace_key::trace_key_hex());
         ctx.sql(TRACES_VIEW).await?;
         ctx.sql(SESSIONS_VIEW).await?;
-        Ok(Self { ctx, metrics, config: config.clone() })
+        Ok(Self { ctx, spans, metrics, config: config.clone() })
     }
 
     /// The DataFusion context (for frontends that plan themselves).
@@ -288,12 +291,37 @@ impl QueryEngine {
 
     /// Runs one read-only statement with values for its `$1`, `$2`, ... placeholders.
     pub async fn query(&self, sql: &str, params: Option<ParamValues>) -> Result<QueryResult> {
+        self.bounded(run(self.query_context(), sql.to_string(), params)).await
+    }
+
+    /// The rows of one trace (32 lowercase hex digits), sorted by `(start_time, span_id)`, with
+    /// the stored schema: what `SELECT * FROM spans WHERE trace_id = '…' ORDER BY start_time,
+    /// span_id` returns, read without planning it (see [`crate::lookup`]). Counted, timed,
+    /// limited in time and memory, and run on the query runtime as a query is.
+    pub async fn trace_rows(&self, trace_id: &str) -> Result<Vec<RecordBatch>> {
+        let spans = Arc::clone(&self.spans);
+        let runtime = self.ctx.runtime_env();
+        let pool: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(
+            Arc::clone(&runtime.memory_pool),
+            self.config.memory_per_query_bytes,
+        ));
+        let id = trace_id.to_string();
+        self.bounded(
+            async move { Ok(crate::lookup::trace_rows(&spans, &runtime, &pool, &id).await?) },
+        )
+        .await
+    }
+
+    /// Runs `work` on the query runtime within the query timeout, counting and timing it.
+    async fn bounded<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
         let started = Instant::now();
         self.metrics.queries.add(1);
         let limit = self.config.timeout;
-        let query = run(self.query_context(), sql.to_string(), params);
         let timed = async move {
-            tokio::time::timeout(limit, query).await.unwrap_or(Err(Error::Timeout { limit }))
+            tokio::time::timeout(limit, work).await.unwrap_or(Err(Error::Timeout { limit }))
         };
         let result = match &self.config.runtime {
             // The task is aborted when this future is dropped (a client gone away).

@@ -27,6 +27,7 @@ pub mod format;
 pub mod functions;
 pub mod http;
 pub mod jaeger;
+pub mod lookup;
 pub mod memory;
 pub mod pg;
 pub mod provider;

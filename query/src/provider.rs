@@ -101,6 +101,23 @@ impl SpansTable {
     pub fn over_files(store: Arc<SpanStore>, files: Vec<Arc<DataFile>>) -> Self {
         Self { store, project: None, schema: query_schema(), files: Some(files) }
     }
+
+    /// The files and batches that may hold rows in `scope`.
+    fn snapshot(&self, scope: &Scope) -> Snapshot {
+        match &self.files {
+            Some(files) => Snapshot { files: files.clone(), batches: Vec::new() },
+            None => self.store.snapshot(scope),
+        }
+    }
+
+    /// The files and batches that may hold rows of `trace_id` (see [`crate::lookup`]).
+    pub(crate) fn trace_snapshot(&self, trace_id: &str) -> Snapshot {
+        self.snapshot(&Scope {
+            project: self.project.clone(),
+            time: TimeRange::default(),
+            trace_id: Some(trace_id.to_string()),
+        })
+    }
 }
 
 #[async_trait]
@@ -133,10 +150,7 @@ impl TableProvider for SpansTable {
             time: time_range(filters),
             trace_id: trace_id(filters),
         };
-        let snapshot = match &self.files {
-            Some(files) => Snapshot { files: files.clone(), batches: Vec::new() },
-            None => self.store.snapshot(&scope),
-        };
+        let snapshot = self.snapshot(&scope);
         let mut plans: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(2);
 
         if !snapshot.files.is_empty() {

@@ -187,4 +187,4 @@ impl ExecutionPlan for WithStatistics {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,9 +1,9 @@
 //! A whole trace by id, as a tree of spans.
 //!
-//! The lookup is the SQL query `SELECT * FROM spans WHERE trace_id = '…'` with no time range:
-//! the `spans` provider hands the trace id to the store, whose trace index
+//! The lookup reads what `SELECT * FROM spans WHERE trace_id = '…'` (no time range) would,
+//! without planning it ([`crate::lookup`]): the store's trace index
 //! ([`spanlake_engine::trace_index`]) keeps only the files that may hold the trace, and
-//! Parquet's bloom filter, statistics and page index narrow each of those to a few pages.
+//! the trace id's statistics and page index narrow each of those to a few pages.
 //!
 //! The JSON shape (`GET /v1/traces/{trace_id}`):
 //!
@@ -42,13 +42,11 @@ pub fn parse_trace_id(id: &str) -> Result<String> {
 /// The spans of a trace as JSON objects, in start time order (repeats of a span removed).
 pub async fn trace_spans(engine: &QueryEngine, trace_id: &str) -> Result<Vec<Map<String, Value>>> {
     let id = parse_trace_id(trace_id)?;
-    let result = engine
-        .sql(&format!("SELECT * FROM spans WHERE trace_id = '{id}' ORDER BY start_time, span_id"))
-        .await?;
+    let batches = engine.trace_rows(&id).await?;
     let mut buf = Vec::new();
     {
         let mut writer = arrow::json::ArrayWriter::new(&mut buf);
-        for b in &result.batches {
+        for b in &batches {
             writer.write(b).map_err(|source| Error::Encode { source })?;
         }
         writer.finish().map_err(|source| Error::Encode { source })?;

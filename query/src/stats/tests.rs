@@ -21,7 +21,7 @@ const T0: i64 = 1_764_000_000_000_000_000;
 
 /// Traces `first..first + traces` of `per_trace` spans each, one second apart: an agent root
 /// and LLM calls under it; every fourth trace has a failed call.
-fn spans(first: u32, traces: u32, per_trace: u32) -> RecordBatch {
+pub(crate) fn spans(first: u32, traces: u32, per_trace: u32) -> RecordBatch {
     let mut b = SpanBatchBuilder::with_capacity((traces * per_trace) as usize);
     for t in first..first + traces {
         let mut trace_id = [0u8; 16];
@@ -51,13 +51,20 @@ fn spans(first: u32, traces: u32, per_trace: u32) -> RecordBatch {
 
 /// A store holding `files` as committed Parquet files and `memory` as unflushed batches.
 async fn store(files: &[RecordBatch], memory: Vec<RecordBatch>) -> Arc<SpanStore> {
+    store_with(&WriterConfig::default(), files, memory).await
+}
+
+/// [`store`] with files written with `config`.
+pub(crate) async fn store_with(
+    config: &WriterConfig,
+    files: &[RecordBatch],
+    memory: Vec<RecordBatch>,
+) -> Arc<SpanStore> {
     let object_store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let store = SpanStore::new(Arc::clone(&object_store), []);
     let project: Arc<str> = Arc::from("default");
     let mut change = Change::default();
-    for file in
-        encode_partitions(files.iter().map(|b| (&project, b)), 0, &WriterConfig::default()).unwrap()
-    {
+    for file in encode_partitions(files.iter().map(|b| (&project, b)), 0, config).unwrap() {
         let path = object_store::path::Path::from(file.meta.path.as_str());
         object_store.put(&path, PutPayload::from_bytes(file.bytes)).await.unwrap();
         change.add.push(file.meta);
@@ -73,7 +80,7 @@ async fn store(files: &[RecordBatch], memory: Vec<RecordBatch>) -> Arc<SpanStore
 }
 
 /// A query engine over `store` with default settings.
-async fn engine(store: Arc<SpanStore>) -> QueryEngine {
+pub(crate) async fn engine(store: Arc<SpanStore>) -> QueryEngine {
     QueryEngine::new(
         store,
         None,
