@@ -338,7 +338,7 @@ pub struct QuerySettings {
     pub memory_per_query: ByteSize,
     /// Longest a query may run.
     pub timeout: HumanDuration,
-    /// Parallelism of one query (defaults to the number of cores).
+    /// Parallelism of one query (defaults to twice the number of cores).
     pub target_partitions: Option<usize>,
     /// Evaluate filters while decoding Parquet (late materialisation).
     pub pushdown_filters: bool,

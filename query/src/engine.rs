@@ -27,7 +27,11 @@ use crate::provider::{STORE_URL, SpansTable};
 /// Settings of the query engine.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
-    /// Parallelism of one query (DataFusion target partitions).
+    /// Parallelism of one query (DataFusion target partitions). Twice the cores by default: a
+    /// scan partition waits on its file reads (blocking reads on the I/O threads) between
+    /// decoding, and with two per core one decodes while the other reads. At 113 M spans on two
+    /// cores, four partitions ran the aggregations 3-8 % faster than two and the suite's
+    /// slowest query against DuckDB went from 1.56 to 1.49 (BENCHMARKS.md, sixteenth session).
     pub target_partitions: usize,
     /// Memory all running queries may use together; past it they spill to disk or fail.
     pub memory_limit_bytes: usize,
@@ -57,7 +61,7 @@ pub struct QueryConfig {
 impl Default for QueryConfig {
     fn default() -> Self {
         Self {
-            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            target_partitions: 2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
             memory_limit_bytes: 512 << 20,
             memory_per_query_bytes: 256 << 20,
             shared_runtime: None,

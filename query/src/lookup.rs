@@ -20,7 +20,7 @@ use datafusion::arrow::compute::kernels::cmp::eq;
 use datafusion::arrow::compute::{
     SortColumn, cast, concat_batches, filter_record_batch, lexsort_to_indices, take_record_batch,
 };
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::ParquetFileReaderFactory as _;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
@@ -116,35 +116,127 @@ fn missing(column: &str) -> DataFusionError {
     DataFusionError::Internal(format!("spans batch without a {column} column"))
 }
 
-/// The rows of one file with `trace_id`.
+/// The rows of one file with `trace_id`. The columns are read in two halves side by side (a
+/// lookup is mostly decompressing the pages of its text columns), each half checking the id.
 async fn read_file(
-    factory: &CachedParquetFileReaderFactory,
-    file: &DataFile,
+    factory: &Arc<CachedParquetFileReaderFactory>,
+    file: &Arc<DataFile>,
     trace_id: &str,
 ) -> Result<Vec<RecordBatch>> {
-    let partitioned = PartitionedFile::new(file.path.clone(), file.size);
-    let mut reader: Box<dyn AsyncFileReader> =
-        factory.create_reader(0, partitioned, None, &ExecutionPlanMetricsSet::new())?;
+    let mut reader = open(factory, file)?;
     let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
     let metadata = reader.get_metadata(Some(&options)).await?;
     let metadata = ArrowReaderMetadata::try_new(metadata, options)?;
     let Some((row_groups, selection)) = pages_with(&metadata, trace_id)? else {
         return Ok(Vec::new());
     };
-    let id_column = metadata.schema().index_of(col::TRACE_ID)?;
-    let id_only =
-        ProjectionMask::roots(metadata.metadata().file_metadata().schema_descr(), [id_column]);
-    let wanted = StringArray::new_scalar(trace_id);
-    let has_id = ArrowPredicateFn::new(id_only, move |batch: RecordBatch| {
-        eq(&cast(batch.column(0), &DataType::Utf8)?, &wanted)
-    });
-    let mut builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, metadata)
-        .with_row_groups(row_groups)
-        .with_row_filter(RowFilter::new(vec![Box::new(has_id)]));
-    if let Some(selection) = selection {
-        builder = builder.with_row_selection(selection);
+    let read = Read { metadata, row_groups, selection, trace_id: trace_id.to_string() };
+    let [first, second] = read.halves();
+    if second.is_empty() {
+        return read.columns(reader, first).await;
     }
-    Ok(builder.build()?.try_collect().await?)
+    let mut other = tokio::task::JoinSet::new();
+    {
+        let (factory, file, read) = (Arc::clone(factory), Arc::clone(file), read.clone());
+        other.spawn(async move { read.columns(open(&factory, &file)?, second).await });
+    }
+    let first = read.columns(reader, first).await?;
+    let second = match other.join_next().await {
+        Some(done) => done.map_err(|e| DataFusionError::External(Box::new(e)))??,
+        None => Vec::new(),
+    };
+    let rows = |half: &[RecordBatch]| half.iter().map(RecordBatch::num_rows).sum::<usize>();
+    match (rows(&first), rows(&second)) {
+        (0, 0) => return Ok(Vec::new()),
+        (a, b) if a != b => {
+            return Err(DataFusionError::Internal(format!(
+                "{}: the halves of a trace's columns read {a} and {b} rows",
+                file.path
+            )));
+        }
+        _ => {}
+    }
+    let (first, second) = (concat(first)?, concat(second)?);
+    let (fields, columns): (Vec<_>, Vec<_>) = [first, second]
+        .iter()
+        .flat_map(|b| b.schema_ref().fields().iter().cloned().zip(b.columns().iter().cloned()))
+        .unzip();
+    Ok(vec![RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?])
+}
+
+fn open(
+    factory: &CachedParquetFileReaderFactory,
+    file: &DataFile,
+) -> Result<Box<dyn AsyncFileReader>> {
+    let partitioned = PartitionedFile::new(file.path.clone(), file.size);
+    Ok(factory.create_reader(0, partitioned, None, &ExecutionPlanMetricsSet::new())?)
+}
+
+/// The batches of one half (at least one) as one batch.
+fn concat(batches: Vec<RecordBatch>) -> Result<RecordBatch> {
+    match <[RecordBatch; 1]>::try_from(batches) {
+        Ok([batch]) => Ok(batch),
+        Err(batches) => Ok(concat_batches(&batches[0].schema(), &batches)?),
+    }
+}
+
+/// What to read of one file: the pages of the trace, checking its id.
+#[derive(Clone)]
+struct Read {
+    metadata: ArrowReaderMetadata,
+    row_groups: Vec<usize>,
+    selection: Option<RowSelection>,
+    trace_id: String,
+}
+
+impl Read {
+    /// The file's columns in two halves of about equal compressed size in the row groups read
+    /// (the second empty when there is one column).
+    fn halves(&self) -> [Vec<usize>; 2] {
+        let parquet = self.metadata.metadata();
+        let descr = parquet.file_metadata().schema_descr();
+        let mut sizes: Vec<(usize, i64)> =
+            (0..descr.root_schema().get_fields().len()).map(|c| (c, 0)).collect();
+        for leaf in 0..descr.num_columns() {
+            let root = descr.get_column_root_idx(leaf);
+            for &g in &self.row_groups {
+                sizes[root].1 += parquet.row_group(g).column(leaf).compressed_size();
+            }
+        }
+        sizes.sort_by_key(|&(c, size)| (std::cmp::Reverse(size), c));
+        let mut halves = [Vec::new(), Vec::new()];
+        let mut totals = [0i64; 2];
+        for (c, size) in sizes {
+            let i = usize::from(totals[1] < totals[0]);
+            totals[i] += size;
+            halves[i].push(c);
+        }
+        halves
+    }
+
+    /// The rows of the trace, root columns `columns` of the file.
+    async fn columns(
+        &self,
+        reader: Box<dyn AsyncFileReader>,
+        columns: Vec<usize>,
+    ) -> Result<Vec<RecordBatch>> {
+        let descr = self.metadata.metadata().file_metadata().schema_descr_ptr();
+        let id_column = self.metadata.schema().index_of(col::TRACE_ID)?;
+        let wanted = StringArray::new_scalar(self.trace_id.as_str());
+        let has_id =
+            ArrowPredicateFn::new(ProjectionMask::roots(&descr, [id_column]), move |batch| {
+                eq(&cast(batch.column(0), &DataType::Utf8)?, &wanted)
+            });
+        let mut builder =
+            ParquetRecordBatchStreamBuilder::new_with_metadata(reader, self.metadata.clone())
+                .with_row_groups(self.row_groups.clone())
+                .with_projection(ProjectionMask::roots(&descr, columns))
+                .with_row_filter(RowFilter::new(vec![Box::new(has_id)]));
+        if let Some(selection) = &self.selection {
+            builder = builder.with_row_selection(selection.clone());
+        }
+        Ok(builder.build()?.try_collect().await?)
+    }
 }
 
 /// The row groups of a file whose `trace_id` range holds `trace_id`, and within them the pages
