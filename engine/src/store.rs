@@ -179,24 +179,26 @@ impl SpanStore {
         let s = self.read();
         let project_ok = |p: &str| scope.project.as_deref().is_none_or(|want| want == p);
         // A lookup by trace id tests every file: the id is hashed once, and the trace filter,
-        // which rules out nearly every file, goes before the trace id range, which rarely
-        // does (ids are random).
-        let trace = scope.trace_id.as_deref().map(|id| (id, self.trace_index.lookup(id)));
+        // which rules out nearly every file, goes after the cheap tests (the trace id range
+        // rarely rules a file out: ids are random), all files' filters together.
+        let mut files: Vec<&Arc<DataFile>> = s
+            .files
+            .values()
+            .filter(|f| {
+                scope.time.overlaps(f.min_start_ns, f.max_start_ns)
+                    && scope.trace_id.as_deref().is_none_or(|id| {
+                        f.min_trace_id.as_str() <= id && id <= f.max_trace_id.as_str()
+                    })
+                    && project_ok(&f.project)
+            })
+            .collect();
+        if let Some(id) = scope.trace_id.as_deref() {
+            let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+            let mut may = self.trace_index.lookup(id).may_contain_all(&paths).into_iter();
+            files.retain(|_| may.next().unwrap_or(true));
+        }
         Snapshot {
-            files: s
-                .files
-                .values()
-                .filter(|f| {
-                    scope.time.overlaps(f.min_start_ns, f.max_start_ns)
-                        && trace.as_ref().is_none_or(|(id, lookup)| {
-                            lookup.may_contain(&f.path)
-                                && f.min_trace_id.as_str() <= *id
-                                && *id <= f.max_trace_id.as_str()
-                        })
-                        && project_ok(&f.project)
-                })
-                .cloned()
-                .collect(),
+            files: files.into_iter().cloned().collect(),
             batches: s
                 .batches
                 .iter()

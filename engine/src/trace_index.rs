@@ -123,11 +123,14 @@ impl TraceFilter {
     }
 
     /// [`Self::may_contain`] for an id already hashed.
-    pub fn may_contain_probe(&self, Probe { h1, h2 }: Probe) -> bool {
-        (0..u64::from(self.hashes)).all(|i| {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) % self.bits;
-            self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
-        })
+    pub fn may_contain_probe(&self, probe: Probe) -> bool {
+        (0..self.hashes).all(|i| self.bit(probe, i))
+    }
+
+    /// Whether the `i`th bit of `probe` is set.
+    fn bit(&self, Probe { h1, h2 }: Probe, i: u8) -> bool {
+        let bit = h1.wrapping_add(u64::from(i).wrapping_mul(h2)) % self.bits;
+        self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0
     }
 
     /// Bytes held in memory.
@@ -189,6 +192,36 @@ impl Lookup<'_> {
     /// Whether the file at `path` may hold the trace (true when its filter is not loaded).
     pub fn may_contain(&self, path: &str) -> bool {
         self.filters.get(path).is_none_or(|f| f.may_contain_probe(self.probe))
+    }
+
+    /// [`Self::may_contain`] for each of `paths`, tested bit by bit across all of them: each
+    /// test is a cache miss (the filters of a large store take hundreds of megabytes), and the
+    /// misses of one round over many files overlap, where file by file each waited for the
+    /// last (about 9 % of a lookup's CPU at 1,500 files).
+    pub fn may_contain_all(&self, paths: &[&str]) -> Vec<bool> {
+        let filters: Vec<Option<&TraceFilter>> =
+            paths.iter().map(|p| self.filters.get(*p).map(Arc::as_ref)).collect();
+        let mut result = vec![true; paths.len()];
+        let mut alive: Vec<(usize, &TraceFilter)> =
+            filters.iter().enumerate().filter_map(|(i, f)| f.map(|f| (i, f))).collect();
+        let rounds = alive.iter().map(|(_, f)| f.hashes).max().unwrap_or(0);
+        for round in 0..rounds {
+            // The bits first, with no branch on them, so that their loads run side by side.
+            let set: Vec<bool> =
+                alive.iter().map(|(_, f)| round >= f.hashes || f.bit(self.probe, round)).collect();
+            let mut set = set.into_iter();
+            alive.retain(|(i, _)| {
+                let keep = set.next().unwrap_or(true);
+                if !keep {
+                    result[*i] = false;
+                }
+                keep
+            });
+            if alive.is_empty() {
+                break;
+            }
+        }
+        result
     }
 }
 
@@ -288,5 +321,42 @@ mod tests {
         index.remove(&["a".to_string()]);
         assert!(index.lookup(&ids[7]).may_contain("a"));
         assert!(!index.lookup(&ids[7]).may_contain("b"));
+    }
+
+    #[test]
+    fn files_tested_together_answer_as_one_by_one() {
+        // 40 files of 200 ids each, one with filters of the first release's shape (7 hashes,
+        // where later ones have their own count), and paths with no filter loaded.
+        let index = TraceIndex::default();
+        let paths: Vec<String> = (0..40).map(|f| format!("file-{f}")).collect();
+        for (f, path) in paths.iter().enumerate() {
+            let ids: Vec<String> = (f as u64 * 200..(f as u64 + 1) * 200).map(id).collect();
+            let filter = if f == 3 {
+                let mut old = TraceFilter { bits: 2_048, hashes: 7, words: vec![0; 32] };
+                ids.iter().for_each(|i| old.insert(i));
+                old
+            } else {
+                TraceFilter::build(ids.iter().map(String::as_str), ids.len())
+            };
+            index.insert(path, Arc::new(filter));
+        }
+        let mut all: Vec<&str> = paths.iter().map(String::as_str).collect();
+        all.extend(["not loaded", "nor this"]);
+        let (mut found, mut passed) = (0, 0);
+        for i in (0..10_000).step_by(7) {
+            let lookup = index.lookup(&id(i));
+            let together = lookup.may_contain_all(&all);
+            let one_by_one: Vec<bool> = all.iter().map(|p| lookup.may_contain(p)).collect();
+            assert_eq!(together, one_by_one, "id {i}");
+            if i < 8_000 {
+                assert!(together[(i / 200) as usize], "id {i} is in file {}", i / 200);
+                found += 1;
+            }
+            assert!(together[40] && together[41]);
+            passed += together[..40].iter().filter(|&&p| p).count();
+        }
+        // Each id passes its own file (when it has one) and hardly any other.
+        assert!(passed - found < 20, "{} false positives", passed - found);
+        assert!(index.lookup(&id(1)).may_contain_all(&[]).is_empty());
     }
 }
