@@ -233,6 +233,7 @@ impl QueryEngine {
                 .with_default_features()
                 .with_physical_optimizer_rules(rules)
                 .with_optimizer_rule(Arc::new(crate::trace_group::GroupByTraceKey))
+                .with_optimizer_rule(Arc::new(crate::trace_group::JoinOnTraceKey))
                 .build(),
         );
         let url = ObjectStoreUrl::parse(STORE_URL)?;

@@ -14,6 +14,13 @@
 //! refuses spans whose id has another length (see `spanlake_ingest::normalize`), so
 //! `trace_key` maps the column's values one to one. A grouping by anything else (an expression,
 //! another table's column, the `traces` view's output) is left as it is.
+//!
+//! [`JoinOnTraceKey`] does the same for joins of the stored column with the `traces` view's
+//! `trace_id` (which the view computes as `trace_key_hex(key)`): `s.trace_id = t.trace_id`
+//! becomes `trace_key(s.trace_id) = key`. The hash join then hashes and compares one 128-bit
+//! number instead of 32 bytes, and its build side holds the 16-byte key instead of each
+//! trace's id as new text (48 bytes as a string view): at 100 M spans the build side of a
+//! join with `traces` is millions of traces, and a hash join cannot spill.
 
 use std::sync::Arc;
 
@@ -22,7 +29,7 @@ use datafusion::common::tree_node::Transformed;
 use datafusion::common::{Column, Result};
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::expr::ScalarFunction;
-use datafusion::logical_expr::{Aggregate, Expr, JoinType, LogicalPlan, Projection};
+use datafusion::logical_expr::{Aggregate, Expr, Join, JoinType, LogicalPlan, Projection};
 use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
 
 use crate::provider::SpansTable;
@@ -165,5 +172,147 @@ fn stored(plan: &LogicalPlan, index: usize) -> bool {
         }
         LogicalPlan::Union(union) => union.inputs.iter().all(|input| stored(input, index)),
         _ => false,
+    }
+}
+
+/// The logical optimizer rule for joins; see the module docs.
+#[derive(Debug, Default)]
+pub struct JoinOnTraceKey;
+
+/// The name of the key column a side of a join gains.
+const JOIN_KEY: &str = "__trace_key_join";
+
+impl OptimizerRule for JoinOnTraceKey {
+    fn name(&self) -> &str {
+        "join_on_trace_key"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::BottomUp)
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        let LogicalPlan::Join(join) = plan else { return Ok(Transformed::no(plan)) };
+        let plain = matches!(
+            join.join_type,
+            JoinType::Inner
+                | JoinType::Left
+                | JoinType::Right
+                | JoinType::Full
+                | JoinType::LeftSemi
+                | JoinType::RightSemi
+                | JoinType::LeftAnti
+                | JoinType::RightAnti
+        );
+        if !plain || join.null_aware {
+            return Ok(Transformed::no(LogicalPlan::Join(join)));
+        }
+        // The first pair of keys that is the stored id on one side and the view's id on the
+        // other; one rewritten key is what the hash join needs.
+        let found = join.on.iter().enumerate().find_map(|(i, (l, r))| {
+            if let (Some(s), Some(t)) = (column_of(&join.left, l), column_of(&join.right, r))
+                && stored(&join.left, s)
+                && let Some(right) = expose_key(&join.right, t)
+            {
+                return Some((i, false, right));
+            }
+            if let (Some(t), Some(s)) = (column_of(&join.left, l), column_of(&join.right, r))
+                && stored(&join.right, s)
+                && let Some(left) = expose_key(&join.left, t)
+            {
+                return Some((i, true, left));
+            }
+            None
+        });
+        let Some((i, key_on_left, exposed)) = found else {
+            return Ok(Transformed::no(LogicalPlan::Join(join)));
+        };
+        let key_column = {
+            let (q, f) = exposed.schema().qualified_field(exposed.schema().fields().len() - 1);
+            Expr::Column(Column::new(q.cloned(), f.name()))
+        };
+        let trace_key = Arc::new(crate::trace_key::trace_key());
+        let mut on = join.on.clone();
+        let (l, r) = &on[i];
+        on[i] = if key_on_left {
+            (key_column, Expr::ScalarFunction(ScalarFunction::new_udf(trace_key, vec![r.clone()])))
+        } else {
+            (Expr::ScalarFunction(ScalarFunction::new_udf(trace_key, vec![l.clone()])), key_column)
+        };
+        let (left, right) = if key_on_left {
+            (Arc::new(exposed), Arc::clone(&join.right))
+        } else {
+            (Arc::clone(&join.left), Arc::new(exposed))
+        };
+        let rewritten = Join::try_new(
+            left,
+            right,
+            on,
+            join.filter.clone(),
+            join.join_type,
+            join.join_constraint,
+            join.null_equality,
+            join.null_aware,
+        )?;
+        // The join's own columns again, without the key.
+        let columns = join
+            .schema
+            .iter()
+            .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+            .collect();
+        let projection = Projection::try_new(columns, Arc::new(LogicalPlan::Join(rewritten)))?;
+        Ok(Transformed::yes(LogicalPlan::Projection(projection)))
+    }
+}
+
+/// The index in `plan`'s output of `expr` when it is a plain column.
+fn column_of(plan: &LogicalPlan, expr: &Expr) -> Option<usize> {
+    match expr {
+        Expr::Column(c) => plan.schema().index_of_column(c).ok(),
+        _ => None,
+    }
+}
+
+/// When the `index`-th output column of `plan` is `trace_key_hex(key)` (passed up through
+/// renames, filters, sorts and limits), `plan` with `key` as one more column at the end.
+fn expose_key(plan: &LogicalPlan, index: usize) -> Option<LogicalPlan> {
+    match plan {
+        LogicalPlan::Projection(p) => {
+            let mut expr = p.expr.get(index)?;
+            while let Expr::Alias(a) = expr {
+                expr = a.expr.as_ref();
+            }
+            let (input, key) = match expr {
+                Expr::ScalarFunction(f)
+                    if f.func.name() == crate::trace_key::TRACE_KEY_HEX && f.args.len() == 1 =>
+                {
+                    (Arc::clone(&p.input), f.args[0].clone())
+                }
+                Expr::Column(c) => {
+                    let at = p.input.schema().index_of_column(c).ok()?;
+                    let input = expose_key(&p.input, at)?;
+                    let (q, f) = input.schema().qualified_field(input.schema().fields().len() - 1);
+                    let key = Expr::Column(Column::new(q.cloned(), f.name()));
+                    (Arc::new(input), key)
+                }
+                _ => return None,
+            };
+            let mut exprs = p.expr.clone();
+            exprs.push(key.alias(JOIN_KEY));
+            Projection::try_new(exprs, input).ok().map(LogicalPlan::Projection)
+        }
+        LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::SubqueryAlias(_) => {
+            let [input] = plan.inputs()[..] else { return None };
+            let input = expose_key(input, index)?;
+            plan.with_new_exprs(plan.expressions(), vec![input]).ok()
+        }
+        _ => None,
     }
 }

@@ -43,6 +43,7 @@ use crate::stats::WithStatistics;
 
 const KEY_TYPE: DataType = DataType::Decimal128(38, 0);
 const TRACE_KEY: &str = "trace_key";
+pub(crate) const TRACE_KEY_HEX: &str = "trace_key_hex";
 
 /// The `trace_key` function.
 pub fn trace_key() -> ScalarUDF {
@@ -167,7 +168,7 @@ struct TraceKeyHex {
 
 impl ScalarUDFImpl for TraceKeyHex {
     fn name(&self) -> &str {
-        "trace_key_hex"
+        TRACE_KEY_HEX
     }
 
     fn signature(&self) -> &Signature {

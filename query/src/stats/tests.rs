@@ -135,6 +135,12 @@ async fn joins_with_the_traces_view_build_from_the_traces() {
         let build_aggregates = find::<AggregateExec>(join.left()).is_some();
         assert!(build_aggregates, "the build side is not the traces view:\n{}", display(&plan));
         assert!(find::<AggregateExec>(join.right()).is_none(), "{}", display(&plan));
+        // Joined on the 128-bit key, not the text (trace_group::JoinOnTraceKey).
+        for (l, r) in join.on() {
+            let key = DataType::Decimal128(38, 0);
+            assert_eq!(l.data_type(&join.left().schema()).unwrap(), key, "{}", display(&plan));
+            assert_eq!(r.data_type(&join.right().schema()).unwrap(), key, "{}", display(&plan));
+        }
 
         // Traces 0..n, 8 spans each (7 LLM calls of 1,000 - s ns); every fourth trace failed.
         let n = (files.iter().chain(&memory).map(RecordBatch::num_rows).sum::<usize>() / 8) as i64;
@@ -146,6 +152,71 @@ async fn joins_with_the_traces_view_build_from_the_traces() {
         let ms = batch.column(2).as_primitive::<Float64Type>().value(0);
         let expected = failed as f64 * (7_000.0 - 28.0) / 1e6;
         assert!((ms - expected).abs() < 1e-9, "{ms} != {expected}");
+    }
+}
+
+/// Joins of spans with `traces` on the trace id answer the same on the 128-bit key as on the
+/// text (`|| ''` keeps a join on the text), for every kind of join the rewrite applies to and
+/// the one it leaves (`NOT IN`).
+#[tokio::test]
+async fn joins_on_the_trace_key_answer_as_on_the_text() {
+    // Traces 0..120 (8 spans each, every fourth failed) in files and memory; `ids` holds
+    // traces 100..120.
+    let engine = engine(store(&[spans(0, 100, 8)], vec![spans(100, 20, 8)]).await).await;
+    let ids = "(SELECT trace_id, error_count FROM traces WHERE trace_id >= '00000064')";
+    for (sql, rows, first) in [
+        (
+            "SELECT count(*), sum(t.error_count) FROM spans s JOIN traces t ON s.trace_id = t.trace_id{}",
+            1,
+            960,
+        ),
+        (
+            "SELECT count(t.trace_id), count(*) FROM spans s LEFT JOIN {ids} t ON s.trace_id = t.trace_id{}",
+            1,
+            160,
+        ),
+        (
+            "SELECT count(*), count(s.span_id) FROM {ids} t LEFT JOIN spans s ON t.trace_id{} = s.trace_id",
+            1,
+            160,
+        ),
+        (
+            "SELECT count(*) FROM spans s FULL JOIN {ids} t ON s.trace_id = t.trace_id{} WHERE t.error_count > 0",
+            1,
+            40,
+        ),
+        (
+            "SELECT count(*) FROM spans s WHERE s.trace_id IN (SELECT trace_id{} FROM traces WHERE error_count > 0)",
+            1,
+            240,
+        ),
+        (
+            "SELECT count(*) FROM spans s WHERE NOT EXISTS (SELECT 1 FROM {ids} t WHERE t.trace_id{} = s.trace_id)",
+            1,
+            800,
+        ),
+        (
+            "SELECT count(*) FROM spans s WHERE s.trace_id NOT IN (SELECT trace_id{} FROM {ids} t)",
+            1,
+            800,
+        ),
+        (
+            "SELECT count(*) OVER (), s.span_id, t.root_span_name FROM spans s JOIN traces t \
+          ON t.trace_id{} = s.trace_id AND s.name = t.root_span_name ORDER BY 2",
+            120,
+            120,
+        ),
+    ] {
+        let sql = sql.replace("{ids}", ids);
+        let key = engine.sql(&sql.replace("{}", "")).await.unwrap();
+        let text = engine.sql(&sql.replace("{}", " || ''")).await.unwrap();
+        let show = |r: &crate::QueryResult| {
+            datafusion::arrow::util::pretty::pretty_format_batches(&r.batches).unwrap().to_string()
+        };
+        assert_eq!(key.num_rows(), rows, "{sql}");
+        let batch = key.batches.iter().find(|b| b.num_rows() > 0).unwrap();
+        assert_eq!(batch.column(0).as_primitive::<Int64Type>().value(0), first, "{sql}");
+        assert_eq!(show(&key), show(&text), "{sql}");
     }
 }
 
@@ -273,4 +344,52 @@ async fn groupings_by_the_stored_trace_id_run_on_the_key() {
         assert!(!uses_key(&plan), "{sql}\n{}", display(&plan));
         assert_eq!(engine.sql(sql).await.unwrap().num_rows(), rows, "{sql}");
     }
+}
+
+/// A grouping of many traces and a join with it answer within a cap they exceed, by
+/// spilling: the final aggregation's merge of its spill files gets the memory it needs beside
+/// the other partitions' aggregations (memory::QueryPool).
+#[tokio::test]
+async fn traces_spill_within_a_small_cap() {
+    // 100,000 traces of 8 spans (an agent and 7 LLM calls); every fourth has a failed call.
+    let n = 100_000u32;
+    let store = store(&[spans(0, n / 2, 8), spans(n / 2, n / 2, 8)], vec![]).await;
+    // About 9 MiB would not spill the grouping; below 6 MiB a merge of spill files does not
+    // fit in what the cap leaves it.
+    let config = QueryConfig { memory_per_query_bytes: 7 << 20, ..QueryConfig::default() };
+    let engine =
+        QueryEngine::new(store, None, Arc::new(PriceTable::default()), &config, Arc::default())
+            .await
+            .unwrap();
+    let failed = i64::from(n / 4);
+    for (sql, expected) in [
+        (
+            "SELECT count(*), sum(error_count), sum(span_count) FROM traces",
+            [i64::from(n), failed, i64::from(8 * n)],
+        ),
+        (
+            "SELECT count(*), count(DISTINCT s.trace_id), sum(CAST(t.root_span_name = 'agent' AS INT)) \
+             FROM spans s JOIN traces t ON s.trace_id = t.trace_id \
+             WHERE s.span_type = 'llm' AND t.error_count > 0",
+            [7 * failed, failed, 7 * failed],
+        ),
+    ] {
+        let ctx = engine.query_context();
+        // Small batches: a merge of spill files holds a batch per file.
+        ctx.sql("SET datafusion.execution.batch_size = 1024").await.unwrap();
+        let plan = ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+        let batches = datafusion::physical_plan::collect(Arc::clone(&plan), ctx.task_ctx())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let row = batches.iter().find(|b| b.num_rows() > 0).unwrap();
+        let got: Vec<i64> =
+            (0..3).map(|c| row.column(c).as_primitive::<Int64Type>().value(0)).collect();
+        assert_eq!(got, expected, "{sql}");
+        assert!(spills(&plan) > 0, "{sql} did not spill");
+    }
+}
+
+fn spills(plan: &Arc<dyn ExecutionPlan>) -> usize {
+    plan.metrics().and_then(|m| m.spill_count()).unwrap_or(0)
+        + plan.children().into_iter().map(spills).sum::<usize>()
 }
