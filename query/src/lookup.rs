@@ -72,22 +72,28 @@ pub async fn trace_rows(
         ));
         // Files are read side by side (a trace split across compaction levels, or a filter's
         // false positive), the first by this task; the others are aborted if it is dropped.
+        // Each read charges the rows it decodes as it decodes them, to a reservation kept
+        // until the lookup returns.
         let mut files = snapshot.files.iter();
         let first = files.next().cloned();
         let mut others = tokio::task::JoinSet::new();
         for f in files {
             let (factory, file, id) = (Arc::clone(&factory), Arc::clone(f), trace_id.to_string());
-            others.spawn(async move { read_file(&factory, &file, &id).await });
+            let charge = reservation.new_empty();
+            others.spawn(async move { read_file(&factory, &file, &id, charge).await });
         }
         let mut read = Vec::with_capacity(snapshot.files.len());
         if let Some(file) = first {
-            read.push(read_file(&factory, &file, trace_id).await?);
+            read.push(read_file(&factory, &file, trace_id, reservation.new_empty()).await?);
         }
         while let Some(done) = others.join_next().await {
             read.push(done.map_err(|e| DataFusionError::External(Box::new(e)))??);
         }
-        for batch in read.into_iter().flatten() {
-            keep(&mut rows, &mut reservation, conform(&batch, &schema)?)?;
+        for (batches, charge) in read {
+            reservation.grow(charge.free());
+            for batch in batches {
+                rows.push(conform(&batch, &schema)?);
+            }
         }
     }
     if rows.iter().map(RecordBatch::num_rows).sum::<usize>() <= 1 {
@@ -102,7 +108,7 @@ pub async fn trace_rows(
     Ok(vec![take_record_batch(&all, &order)?])
 }
 
-/// Charges `batch` to the lookup's memory and keeps it.
+/// Charges `batch` (an unflushed batch's rows of the trace) to the lookup's memory and keeps it.
 fn keep(
     rows: &mut Vec<RecordBatch>,
     reservation: &mut MemoryReservation,
@@ -117,38 +123,49 @@ fn missing(column: &str) -> DataFusionError {
     DataFusionError::Internal(format!("spans batch without a {column} column"))
 }
 
-/// The rows of one file with `trace_id`. The columns are read in two halves side by side (a
-/// lookup is mostly decompressing the pages of its text columns), each half checking the id.
+/// The rows of one file with `trace_id`, charged to `charge` as they are decoded (so a trace
+/// too large for the query's memory is refused before it is all read), and the charge. The
+/// columns are read in two halves side by side (a lookup is mostly decompressing the pages of
+/// its text columns), each half checking the id.
 async fn read_file(
     factory: &Arc<CachedParquetFileReaderFactory>,
     file: &Arc<DataFile>,
     trace_id: &str,
-) -> Result<Vec<RecordBatch>> {
+    charge: MemoryReservation,
+) -> Result<(Vec<RecordBatch>, MemoryReservation)> {
     let mut reader = open(factory, file)?;
     let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
     let metadata = reader.get_metadata(Some(&options)).await?;
     let metadata = ArrowReaderMetadata::try_new(metadata, options)?;
     let Some((row_groups, selection)) = pages_with(&metadata, trace_id)? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), charge));
     };
     let read = Read { metadata, row_groups, selection, trace_id: trace_id.to_string() };
     let [first, second] = read.halves();
     if second.is_empty() {
-        return read.columns(reader, first).await;
+        return Ok((read.columns(reader, first, &charge).await?, charge));
     }
     let mut other = tokio::task::JoinSet::new();
     {
         let (factory, file, read) = (Arc::clone(factory), Arc::clone(file), read.clone());
-        other.spawn(async move { read.columns(open(&factory, &file)?, second).await });
+        let charge = charge.new_empty();
+        other.spawn(async move {
+            let batches = read.columns(open(&factory, &file)?, second, &charge).await?;
+            Ok::<_, DataFusionError>((batches, charge))
+        });
     }
-    let first = read.columns(reader, first).await?;
+    let first = read.columns(reader, first, &charge).await?;
     let second = match other.join_next().await {
-        Some(done) => done.map_err(|e| DataFusionError::External(Box::new(e)))??,
+        Some(done) => {
+            let (batches, second) = done.map_err(|e| DataFusionError::External(Box::new(e)))??;
+            charge.grow(second.free());
+            batches
+        }
         None => Vec::new(),
     };
     let rows = |half: &[RecordBatch]| half.iter().map(RecordBatch::num_rows).sum::<usize>();
     match (rows(&first), rows(&second)) {
-        (0, 0) => return Ok(Vec::new()),
+        (0, 0) => return Ok((Vec::new(), charge)),
         (a, b) if a != b => {
             return Err(DataFusionError::Internal(format!(
                 "{}: the halves of a trace's columns read {a} and {b} rows",
@@ -162,7 +179,7 @@ async fn read_file(
         .iter()
         .flat_map(|b| b.schema_ref().fields().iter().cloned().zip(b.columns().iter().cloned()))
         .unzip();
-    Ok(vec![RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?])
+    Ok((vec![RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?], charge))
 }
 
 fn open(
@@ -215,11 +232,13 @@ impl Read {
         halves
     }
 
-    /// The rows of the trace, root columns `columns` of the file.
+    /// The rows of the trace, root columns `columns` of the file, each batch charged to
+    /// `charge` as it is decoded.
     async fn columns(
         &self,
         reader: Box<dyn AsyncFileReader>,
         columns: Vec<usize>,
+        charge: &MemoryReservation,
     ) -> Result<Vec<RecordBatch>> {
         let descr = self.metadata.metadata().file_metadata().schema_descr_ptr();
         let id_column = self.metadata.schema().index_of(col::TRACE_ID)?;
@@ -236,7 +255,13 @@ impl Read {
         if let Some(selection) = &self.selection {
             builder = builder.with_row_selection(selection.clone());
         }
-        Ok(builder.build()?.try_collect().await?)
+        let mut stream = builder.build()?;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            charge.try_grow(batch.get_array_memory_size())?;
+            batches.push(batch);
+        }
+        Ok(batches)
     }
 }
 
