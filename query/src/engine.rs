@@ -125,6 +125,9 @@ impl QueryResult {
     }
 }
 
+/// Spill files a merge reads at once.
+const SPILL_MERGE_FAN_IN: usize = 8;
+
 /// One row per trace: the roll-ups that belong to traces, not to spans. It groups by the
 /// trace id as a 128-bit number (see `trace_key`), which costs less than grouping by its text.
 const TRACES_VIEW: &str = "CREATE VIEW traces AS
@@ -208,13 +211,17 @@ impl QueryEngine {
         let runtime = match &config.shared_runtime {
             Some(r) => Arc::clone(r),
             None => {
-                let disk = match &config.spill_dir {
-                    Some(dir) => DiskManagerBuilder::default()
-                        .with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
-                    None => {
-                        DiskManagerBuilder::default().with_mode(DiskManagerMode::OsTmpDirectory)
-                    }
+                let mode = match &config.spill_dir {
+                    Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
+                    None => DiskManagerMode::OsTmpDirectory,
                 };
+                // A merge of spill files reserves a batch or two per file it reads at once
+                // and, unbounded, takes all the memory it can get for them; then the spilled
+                // aggregation it feeds found none left for its own table (memory::QueryPool).
+                // Eight at a time, more files are merged in more passes.
+                let disk = DiskManagerBuilder::default()
+                    .with_mode(mode)
+                    .with_max_spill_merge_fan_in(SPILL_MERGE_FAN_IN);
                 RuntimeEnvBuilder::new()
                     .with_memory_pool(Arc::new(FairSpillPool::new(config.memory_limit_bytes)))
                     .with_disk_manager_builder(disk)

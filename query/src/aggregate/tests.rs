@@ -112,3 +112,29 @@ async fn root_value_answers_as_first_value_ordered_by_rootness_and_start() {
         assert_eq!(whole, vec![vec![None, s("first root")]]);
     }
 }
+
+/// Each group holds an index: the values given out hold each distinct name once, however many
+/// groups have it, and a better span's name replaces a group's.
+#[test]
+fn groups_give_out_each_distinct_value_once() {
+    let mut groups = Groups::default();
+    let names = ["invoke_agent research-planner", "invoke_agent report-writer"];
+    let value: ArrayRef = Arc::new(StringViewArray::from_iter(
+        (0..1000).map(|i| (i % 7 != 0).then_some(names[i % 2])),
+    ));
+    // All roots (null parents), starting at 1000 - i: later rows are earlier spans.
+    let parent: ArrayRef = Arc::new(StringArray::from(vec![None::<&str>; 1000]));
+    let start: ArrayRef = Arc::new(Int64Array::from_iter_values((0..1000).map(|i| 1000 - i)));
+    let rows: Vec<usize> = (0..1000).map(|i| i % 100).collect();
+    groups.update_batch(&[value, parent, start], &rows, None, 100).unwrap();
+    let out = groups.evaluate(EmitTo::All).unwrap();
+    let out = out.as_string_view();
+    let buffered: usize = out.data_buffers().iter().map(|b| b.len()).sum();
+    assert_eq!(buffered, names[0].len() + names[1].len());
+    // Group g's earliest span is row 900 + g: a name unless 900 + g is a multiple of 7.
+    for g in 0..100 {
+        let row = 900 + g;
+        let expected = (row % 7 != 0).then_some(names[row % 2]);
+        assert_eq!(out.is_valid(g).then(|| out.value(g)), expected, "group {g}");
+    }
+}
