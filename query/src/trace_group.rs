@@ -214,34 +214,24 @@ impl OptimizerRule for JoinOnTraceKey {
         // The first pair of keys that is the stored id on one side and the view's id on the
         // other; one rewritten key is what the hash join needs.
         let found = join.on.iter().enumerate().find_map(|(i, (l, r))| {
-            if let (Some(s), Some(t)) = (column_of(&join.left, l), column_of(&join.right, r))
-                && stored(&join.left, s)
-                && let Some(right) = expose_key(&join.right, t)
-            {
-                return Some((i, false, right));
-            }
-            if let (Some(t), Some(s)) = (column_of(&join.left, l), column_of(&join.right, r))
-                && stored(&join.right, s)
-                && let Some(left) = expose_key(&join.left, t)
-            {
-                return Some((i, true, left));
-            }
-            None
+            let (left, right) = (&join.left, &join.right);
+            view_side(left, l, right, r)
+                .map(|exposed| (i, false, exposed))
+                .or_else(|| view_side(right, r, left, l).map(|exposed| (i, true, exposed)))
         });
         let Some((i, key_on_left, exposed)) = found else {
             return Ok(Transformed::no(LogicalPlan::Join(join)));
         };
-        let key_column = {
-            let (q, f) = exposed.schema().qualified_field(exposed.schema().fields().len() - 1);
-            Expr::Column(Column::new(q.cloned(), f.name()))
-        };
+        let key_column = last_column(&exposed);
         let trace_key = Arc::new(crate::trace_key::trace_key());
         let mut on = join.on.clone();
-        let (l, r) = &on[i];
+        let stored_key = |e: &Expr| {
+            Expr::ScalarFunction(ScalarFunction::new_udf(Arc::clone(&trace_key), vec![e.clone()]))
+        };
         on[i] = if key_on_left {
-            (key_column, Expr::ScalarFunction(ScalarFunction::new_udf(trace_key, vec![r.clone()])))
+            (key_column, stored_key(&on[i].1))
         } else {
-            (Expr::ScalarFunction(ScalarFunction::new_udf(trace_key, vec![l.clone()])), key_column)
+            (stored_key(&on[i].0), key_column)
         };
         let (left, right) = if key_on_left {
             (Arc::new(exposed), Arc::clone(&join.right))
@@ -277,6 +267,26 @@ fn column_of(plan: &LogicalPlan, expr: &Expr) -> Option<usize> {
     }
 }
 
+/// When `stored_key` is spans' stored trace id in `stored_plan` and `view_key` the `traces`
+/// view's id in `view_plan`, `view_plan` with the view's 128-bit key as its last column.
+fn view_side(
+    stored_plan: &LogicalPlan,
+    stored_key: &Expr,
+    view_plan: &LogicalPlan,
+    view_key: &Expr,
+) -> Option<LogicalPlan> {
+    let s = column_of(stored_plan, stored_key)?;
+    let t = column_of(view_plan, view_key)?;
+    if stored(stored_plan, s) { expose_key(view_plan, t) } else { None }
+}
+
+/// The last output column of `plan`, as a column expression.
+fn last_column(plan: &LogicalPlan) -> Expr {
+    let schema = plan.schema();
+    let (q, f) = schema.qualified_field(schema.fields().len() - 1);
+    Expr::Column(Column::new(q.cloned(), f.name()))
+}
+
 /// When the `index`-th output column of `plan` is `trace_key_hex(key)` (passed up through
 /// renames, filters, sorts and limits), `plan` with `key` as one more column at the end.
 fn expose_key(plan: &LogicalPlan, index: usize) -> Option<LogicalPlan> {
@@ -295,8 +305,7 @@ fn expose_key(plan: &LogicalPlan, index: usize) -> Option<LogicalPlan> {
                 Expr::Column(c) => {
                     let at = p.input.schema().index_of_column(c).ok()?;
                     let input = expose_key(&p.input, at)?;
-                    let (q, f) = input.schema().qualified_field(input.schema().fields().len() - 1);
-                    let key = Expr::Column(Column::new(q.cloned(), f.name()));
+                    let key = last_column(&input);
                     (Arc::new(input), key)
                 }
                 _ => return None,
